@@ -1,0 +1,260 @@
+"""Detector configuration: load and validate the std-daq detector JSON (DESIGN.md section 4).
+
+An original std-daq config file loads unchanged; stddaq's optional fields have defaults.
+Every problem is reported at once in one :class:`ConfigError` naming each bad field and the
+value expected, so a beamline user can fix the file in one go.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastcore.detectors import GIGAFROST_N_MODULES, module_format
+
+log = logging.getLogger(__name__)
+
+DETECTOR_TYPES = ("jungfrau", "eiger", "gigafrost")
+BIT_DEPTHS = {"jungfrau": (16,), "eiger": (4, 8, 16, 32), "gigafrost": (12, 16)}
+# Fields of original std-daq configs that stddaq accepts and does not use.
+_IGNORED_FIELDS = {
+    "submodule_info",
+    "deactivate",
+    "max_number_of_forwarders_spawned",
+    "use_all_forwarders",
+    "module_sync_queue_size",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A detector config is missing fields or has values of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    detector_name: str
+    detector_type: str
+    n_modules: int
+    bit_depth: int
+    image_pixel_height: int
+    image_pixel_width: int
+    start_udp_port: int
+    writer_user_id: int
+    module_positions: dict[int, tuple[int, int, int, int]]
+    udp_host: str = "0.0.0.0"
+    n_image_slots: int = 1000
+    n_frame_slots: int = 100
+    pedestal_file: str | None = None
+    gain_file: str | None = None
+    output_root: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return (self.image_pixel_height, self.image_pixel_width)
+
+    @property
+    def converts(self) -> bool:
+        """True when Jungfrau pedestal/gain conversion (float32 output) is configured."""
+        return self.pedestal_file is not None
+
+    @property
+    def image_dtype(self) -> np.dtype:
+        if self.converts:
+            return np.dtype("float32")
+        if self.detector_type == "gigafrost":
+            return np.dtype("uint16")
+        return np.dtype(f"uint{max(8, self.bit_depth)}")
+
+    def udp_port(self, module_id: int) -> int:
+        return self.start_udp_port + module_id
+
+
+def _int_field(raw: dict, name: str, errors: list[str], minimum: int | None = None,
+               maximum: int | None = None) -> int | None:
+    if name not in raw:
+        errors.append(f"{name}: missing (expected an integer)")
+        return None
+    value = raw[name]
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = int(value)
+    except (TypeError, ValueError):
+        errors.append(f"{name}: expected an integer, got {value!r}")
+        return None
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        errors.append(f"{name}: expected an integer {bounds}, got {number}")
+        return None
+    return number
+
+
+def _positions(raw: Any, n_modules: int | None, errors: list[str]
+               ) -> dict[int, tuple[int, int, int, int]]:
+    if not isinstance(raw, dict):
+        errors.append(
+            "module_positions: expected an object {\"<module>\": [start_x, start_y, end_x, "
+            f"end_y]}}, got {raw!r}"
+        )
+        return {}
+    positions: dict[int, tuple[int, int, int, int]] = {}
+    for key, corners in raw.items():
+        try:
+            module = int(key)
+            values = [int(c) for c in corners]
+            if len(values) != 4 or module < 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            errors.append(
+                f"module_positions[{key!r}]: expected [start_x, start_y, end_x, end_y] "
+                f"integers for a module index >= 0, got {corners!r}"
+            )
+            continue
+        positions[module] = tuple(values)  # type: ignore[assignment]
+    if n_modules is not None:
+        missing = sorted(set(range(n_modules)) - set(positions))
+        extra = sorted(set(positions) - set(range(n_modules)))
+        if missing:
+            errors.append(f"module_positions: no position for module(s) {missing}")
+        if extra:
+            errors.append(
+                f"module_positions: module(s) {extra} outside 0..{n_modules - 1} (n_modules)"
+            )
+    return positions
+
+
+def _geometry_errors(config: DetectorConfig) -> list[str]:
+    """Module positions must fit the image and match the module size (with or without
+    chip gaps); Gigafrost images must split into its 8 quadrant links."""
+    height, width = config.image_shape
+    if config.detector_type == "gigafrost":
+        errors = []
+        if config.n_modules != GIGAFROST_N_MODULES:
+            errors.append(f"n_modules: gigafrost has {GIGAFROST_N_MODULES} modules "
+                          f"(4 quadrants x 2 links), got {config.n_modules}")
+        if width % 24 or height % 4:
+            errors.append("image_pixel_width, image_pixel_height: gigafrost needs a width "
+                          f"divisible by 24 and a height divisible by 4, got {width}x{height}")
+        return errors
+    fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+    sizes = {fmt.module_shape, fmt.chip_gap_shape()}
+    allowed = " or ".join(f"{w}x{h}" for h, w in sorted(sizes))
+    errors = []
+    for module, (sx, sy, ex, ey) in sorted(config.module_positions.items()):
+        size = (abs(ey - sy) + 1, abs(ex - sx) + 1)
+        where = f"module_positions[\"{module}\"]"
+        if size not in sizes:
+            errors.append(f"{where}: a {config.detector_type} module is {allowed} pixels "
+                          f"(width x height), got {size[1]}x{size[0]}")
+        if min(sx, ex) < 0 or max(sx, ex) >= width or min(sy, ey) < 0 or max(sy, ey) >= height:
+            errors.append(f"{where}: corners {[sx, sy, ex, ey]} outside the "
+                          f"{width}x{height} image")
+    return errors
+
+
+def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
+    """Validate a config dict; raises ConfigError naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    errors: list[str] = []
+
+    name = raw.get("detector_name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        errors.append(
+            "detector_name: expected 1-64 characters of letters, digits, '_', '.', '-', "
+            f"got {name!r}" if "detector_name" in raw else "detector_name: missing"
+        )
+    det_type = raw.get("detector_type")
+    if det_type not in DETECTOR_TYPES:
+        errors.append(
+            f"detector_type: expected one of {', '.join(DETECTOR_TYPES)}, got {det_type!r}"
+            if "detector_type" in raw else "detector_type: missing"
+        )
+        det_type = None
+
+    n_modules = _int_field(raw, "n_modules", errors, 1, 64)
+    bit_depth = _int_field(raw, "bit_depth", errors)
+    if bit_depth is not None and det_type and bit_depth not in BIT_DEPTHS[det_type]:
+        errors.append(f"bit_depth: expected one of {BIT_DEPTHS[det_type]} for {det_type}, "
+                      f"got {bit_depth}")
+    height = _int_field(raw, "image_pixel_height", errors, 1, 65535)
+    width = _int_field(raw, "image_pixel_width", errors, 1, 65535)
+    port = _int_field(raw, "start_udp_port", errors, 1, 65535)
+    if port is not None and n_modules is not None and port + n_modules - 1 > 65535:
+        errors.append(f"start_udp_port: {port} + n_modules {n_modules} passes port 65535")
+    user = _int_field(raw, "writer_user_id", errors)
+    if "module_positions" not in raw:
+        errors.append("module_positions: missing (use {} for gigafrost)")
+        positions: dict[int, tuple[int, int, int, int]] = {}
+    elif det_type == "gigafrost":
+        positions = {}
+    else:
+        positions = _positions(raw["module_positions"], n_modules, errors)
+
+    optional: dict[str, Any] = {}
+    if "udp_host" in raw:
+        if isinstance(raw["udp_host"], str) and raw["udp_host"]:
+            optional["udp_host"] = raw["udp_host"]
+        else:
+            errors.append(f"udp_host: expected an IP address string, got {raw['udp_host']!r}")
+    for slots in ("n_image_slots", "n_frame_slots"):
+        if slots in raw:
+            value = _int_field(raw, slots, errors, 2, 1_000_000)
+            if value is not None:
+                optional[slots] = value
+    for path_field in ("pedestal_file", "gain_file", "output_root"):
+        value = raw.get(path_field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            errors.append(f"{path_field}: expected a file path string, got {value!r}")
+        elif path_field != "output_root" and not os.path.isfile(value):
+            errors.append(f"{path_field}: file {value!r} does not exist")
+        else:
+            optional[path_field] = value
+    if ("pedestal_file" in optional) != ("gain_file" in optional):
+        errors.append("pedestal_file, gain_file: give both or neither")
+    if "pedestal_file" in optional and det_type not in (None, "jungfrau"):
+        errors.append(f"pedestal_file: conversion is only for jungfrau, not {det_type}")
+
+    known = {f for f in DetectorConfig.__dataclass_fields__ if f != "extra"}
+    extra = {k: v for k, v in raw.items() if k not in known}
+    for key in sorted(set(extra) - _IGNORED_FIELDS):
+        log.warning("%s: unknown field %r ignored", source, key)
+
+    if not errors:
+        config = DetectorConfig(
+            detector_name=name, detector_type=det_type, n_modules=n_modules,  # type: ignore[arg-type]
+            bit_depth=bit_depth, image_pixel_height=height, image_pixel_width=width,  # type: ignore[arg-type]
+            start_udp_port=port, writer_user_id=user, module_positions=positions,  # type: ignore[arg-type]
+            extra=extra, **optional,
+        )
+        errors.extend(_geometry_errors(config))
+    if errors:
+        raise ConfigError(f"{source}: invalid detector config:\n  - " + "\n  - ".join(errors))
+    return config
+
+
+def load_config(path: str | os.PathLike) -> DetectorConfig:
+    """Load and validate a detector config JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read detector config {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    return parse_config(raw, source=str(path))

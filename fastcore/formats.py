@@ -1,0 +1,192 @@
+"""Every binary layout of stddaq, defined once as numpy structured dtypes.
+
+All layouts are little-endian and packed. The stddaq stream structs (DESIGN.md section 3)
+are all ``uint64`` fields except StoreStream's counters; the UDP packet headers follow the
+detectors' wire formats (slsDetectorPackage for Jungfrau/Eiger, PSI Gigafrost).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+_U64 = "<u8"
+
+
+def _u64_struct(*names: str) -> np.dtype:
+    return np.dtype([(name, _U64) for name in names])
+
+
+# --- stddaq stream structs ------------------------------------------------------------
+
+MODULE_FRAME = _u64_struct(
+    "id", "pulse_id", "frame_index", "daq_rec", "n_recv_packets", "module_id", "pos_y", "pos_x"
+)
+"""Per-module frame metadata, written by udp_recv into the FrameBuffer and sent to sync."""
+
+RAW_METADATA = _u64_struct("id", "pulse_id", "frame_index", "daq_rec", "status")
+"""One frame of all modules, sent by sync to the assembler."""
+
+IMAGE_METADATA = _u64_struct(
+    "id", "height", "width", "dtype", "encoding", "source_id", "status", "user_1", "user_2"
+)
+"""One assembled image in the ImageBuffer, published by the assembler (and stream_recv)."""
+
+STORE_STREAM = np.dtype(
+    [
+        ("image_metadata", IMAGE_METADATA),
+        ("run_id", _U64),
+        ("i_image", "<u4"),
+        ("n_images", "<u4"),
+    ]
+)
+"""ImageMetadata wrapped for the HDF5 writer by the writer agent."""
+
+
+class ImageStatus(enum.IntFlag):
+    """Bit flags of RawMetadata.status and ImageMetadata.status (0 = good image)."""
+
+    GOOD = 0
+    MISSING_PACKETS = 1
+    MISSING_MODULES = 2
+    ID_MISMATCH = 4
+    """A module's FrameBuffer slot was overwritten while the image was assembled."""
+
+
+class Encoding(enum.IntEnum):
+    RAW = 0
+    BITSHUFFLE_LZ4 = 1
+
+
+_DTYPE_CODES: dict[str, int] = {
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "int8": 11,
+    "int16": 12,
+    "int32": 14,
+    "int64": 18,
+    "float16": 22,
+    "float32": 24,
+    "float64": 28,
+}
+_CODE_DTYPES = {code: np.dtype(name) for name, code in _DTYPE_CODES.items()}
+
+
+def dtype_code(dtype: np.dtype | str | type) -> int:
+    """ImageMetadata.dtype code of a numpy dtype (std-daq's ImageMetadataDtype numbering)."""
+    name = np.dtype(dtype).name
+    try:
+        return _DTYPE_CODES[name]
+    except KeyError:
+        raise ValueError(
+            f"dtype {name!r} has no ImageMetadata code; supported: {', '.join(_DTYPE_CODES)}"
+        ) from None
+
+
+def code_dtype(code: int) -> np.dtype:
+    """Numpy dtype of an ImageMetadata.dtype code."""
+    try:
+        return _CODE_DTYPES[int(code)]
+    except KeyError:
+        raise ValueError(
+            f"unknown ImageMetadata dtype code {code}; known: {sorted(_CODE_DTYPES)}"
+        ) from None
+
+
+# --- UDP packet headers ---------------------------------------------------------------
+
+JUNGFRAU_HEADER = np.dtype(
+    [
+        ("framenum", "<u8"),
+        ("exptime", "<u4"),
+        ("packetnum", "<u4"),
+        ("bunchid", "<f8"),
+        ("timestamp", "<u8"),
+        ("module_id", "<u2"),
+        ("x", "<u2"),
+        ("y", "<u2"),
+        ("z", "<u2"),
+        ("debug", "<u4"),
+        ("round_robin", "<u2"),
+        ("detector_type", "u1"),
+        ("header_version", "u1"),
+    ]
+)
+"""slsDetector header of Jungfrau packets (48 B); payload 8192 B."""
+
+EIGER_HEADER = np.dtype(
+    [
+        ("framenum", "<u8"),
+        ("exp_length", "<u4"),
+        ("packetnum", "<u4"),
+        ("det_spec1", "<u8"),
+        ("timestamp", "<u8"),
+        ("module_id", "<u2"),
+        ("row", "<u2"),
+        ("column", "<u2"),
+        ("det_spec2", "<u2"),
+        ("det_spec3", "<u4"),
+        ("round_robin", "<u2"),
+        ("detector_type", "u1"),
+        ("header_version", "u1"),
+    ]
+)
+"""slsDetector header of Eiger packets (48 B); payload 4096 B."""
+
+GIGAFROST_HEADER = np.dtype(
+    [
+        ("protocol_id", "u1"),
+        ("quadrant_row_length_in_blocks", "u1"),
+        ("quadrant_rows", "u1"),
+        ("status_flags", "u1"),
+        ("scan_id", "<u4"),
+        ("frame_index", "<u4"),
+        ("image_status_flags", "<u2"),
+        ("packet_starting_row", "<u2"),
+        ("image_timing", "<u8"),
+        ("sync_time", "<u4"),
+        ("scan_time", "<u4"),
+    ]
+)
+"""Gigafrost packet header (32 B); payload up to 7400 B of 12-bit packed pixels."""
+
+GIGAFROST_PROTOCOL_ID = 0xCB
+
+def pack(dtype: np.dtype, **fields: int | float) -> bytes:
+    """One struct of ``dtype`` as bytes; unnamed fields are 0."""
+    record = np.zeros((), dtype=dtype)
+    for name, value in fields.items():
+        record[name] = value
+    return record.tobytes()
+
+
+def unpack(dtype: np.dtype, data: bytes | memoryview) -> np.void:
+    """Parse one struct of ``dtype``; raises ValueError naming the struct on a size mismatch."""
+    if len(data) != dtype.itemsize:
+        raise ValueError(f"expected a {dtype.itemsize}-byte message, got {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+SHM_MAGIC = b"STDDAQ01"
+SHM_HEADER = np.dtype(
+    [
+        ("magic", "S8"),
+        ("kind", "S8"),
+        ("creator_pid", "<u8"),
+        ("n_slots", "<u8"),
+        ("slot_bytes", "<u8"),
+        ("meta_bytes", "<u8"),
+        ("data_bytes", "<u8"),
+        ("n_modules", "<u8"),
+        ("height", "<u8"),
+        ("width", "<u8"),
+        ("dtype", "<u8"),
+    ]
+)
+"""Header page of every stddaq shared-memory segment: lets consumers attach by name alone."""
+SHM_HEADER_BYTES = 4096
+INVALID_ID = np.uint64(2**64 - 1)
+"""Slot id while a producer rewrites the slot (the seqlock's 'being written' mark)."""

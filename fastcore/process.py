@@ -1,0 +1,58 @@
+"""What every fastcore process shares: CLI arguments, logging, ZMQ addresses, clean exit.
+
+A process body runs with a stop event that SIGTERM and Ctrl-C set; a bad config, a missing
+buffer or an occupied port ends the process with one clear error line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from fastcore.buffers import ShmBufferError
+from fastcore.config import ConfigError, DetectorConfig, load_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IPC_DIR = os.environ.get("STDDAQ_IPC_DIR", "/tmp")
+LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s %(message)s"
+
+
+def ipc_address(ipc_dir: str, detector_name: str, stream: str) -> str:
+    """ZMQ ipc address of one of a detector's internal streams."""
+    return f"ipc://{os.path.join(ipc_dir, f'stddaq-{detector_name}-{stream}')}"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="detector config JSON file")
+    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR,
+                        help="directory of the ZMQ ipc sockets (default: %(default)s, "
+                        "or $STDDAQ_IPC_DIR)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def run_service(name: str, args: argparse.Namespace,
+                body: Callable[[DetectorConfig, threading.Event], None]) -> int:
+    """Run ``body(config, stop)`` until it returns or SIGTERM/SIGINT; exit code 0 or 1."""
+    setup_logging(args.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        config = load_config(args.config)
+        body(config, stop)
+    except (ConfigError, ShmBufferError, OSError, ValueError, RuntimeError) as exc:
+        log.debug("%s failed", name, exc_info=True)
+        print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,289 @@
+"""Detector simulator: Jungfrau, Eiger and Gigafrost UDP streams with known pixel content.
+
+Module ``m`` sends to ``start_udp_port + m``. Pixel content is a documented function of
+frame, module and pixel (:func:`module_pixels`), so tests can compute every expected image.
+Faults can be injected: dropped, reordered and duplicated packets, and silent modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastcore.config import ConfigError, DetectorConfig, load_config
+from fastcore.detectors import ModuleFormat, gigafrost_quadrant, module_format
+from fastcore.formats import GIGAFROST_PROTOCOL_ID
+from fastcore.pixels import pack_4bit, pack_12bit
+from fastcore.process import setup_logging
+from fastcore.udp import MessageVector
+
+log = logging.getLogger(__name__)
+
+_JUNGFRAU_GAIN_CODES = np.array([0, 0, 0, 0, 0, 0, 1, 3], np.uint16)
+
+
+def pulse_id_of(frame: int) -> int:
+    """Pulse id the simulator sends with a frame (Jungfrau bunchid, Eiger detSpec1)."""
+    return 1_000_000 + 10 * frame
+
+
+def daq_rec_of(frame: int) -> int:
+    """Jungfrau debug word (daq_rec) the simulator sends with a frame."""
+    return frame % 7
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(shape: tuple[int, int], module: int) -> tuple[np.ndarray, np.ndarray]:
+    """(3*row + 7*col + 101*module as uint32, (row//32 + col//32 + module) % 8 as uint8)."""
+    rows = np.arange(shape[0], dtype=np.uint32)[:, None]
+    cols = np.arange(shape[1], dtype=np.uint32)[None, :]
+    base = 3 * rows + 7 * cols + np.uint32(101 * module)
+    block = ((rows // 32 + cols // 32 + module) % 8).astype(np.uint8)
+    return base, block
+
+
+def module_pixels(detector_type: str, bit_depth: int, shape: tuple[int, int], frame: int,
+                  module: int) -> np.ndarray:
+    """Pixel values of one module frame, before any packing on the wire.
+
+    ``base = 3*row + 7*col + 11*frame + 101*module``. Jungfrau: ADC = base % 16384 with the
+    gain bits 14-15 set per 32x32 block ``b = row//32 + col//32``: code
+    ``[0,0,0,0,0,0,1,3][(b + frame + module) % 8]`` (uint16). Eiger: base % 2**bit_depth
+    (uint8 for 4 and 8 bit, uint16, uint32). Gigafrost: base % 4096 (uint16).
+    """
+    base, block = _pattern(tuple(shape), module)
+    value = base + np.uint32((11 * frame) % 2**32)
+    if detector_type == "jungfrau":
+        gain = _JUNGFRAU_GAIN_CODES[(block + np.uint8(frame % 8)) & 7]
+        return (value & 0x3FFF).astype(np.uint16) | (gain << 14)
+    if detector_type == "eiger":
+        if bit_depth == 32:
+            return value
+        dtype = np.uint8 if bit_depth <= 8 else np.uint16
+        return (value & (2**bit_depth - 1)).astype(dtype)
+    return (value & 0xFFF).astype(np.uint16)
+
+
+def encode_frame(fmt: ModuleFormat, pixels: np.ndarray) -> np.ndarray:
+    """Module pixels -> the frame bytes as the payloads of its packets, concatenated."""
+    if fmt.detector_type == "gigafrost":
+        rows = pack_12bit(pixels)
+        frame = np.zeros((fmt.n_packets, fmt.payload_bytes), np.uint8)
+        per_packet = fmt.rows_per_packet * rows.shape[1]
+        padded = np.zeros((fmt.n_packets * fmt.rows_per_packet, rows.shape[1]), np.uint8)
+        padded[: len(rows)] = rows
+        frame[:, :per_packet] = padded.reshape(fmt.n_packets, per_packet)
+        return frame.ravel()
+    if fmt.pixel_bits == 4:
+        return pack_4bit(pixels).ravel()
+    return pixels.astype(f"<u{fmt.pixel_bits // 8}").view(np.uint8).ravel()
+
+
+def packet_headers(config: DetectorConfig, fmt: ModuleFormat, frame: int, module: int
+                   ) -> np.ndarray:
+    """Headers of all packets of one module frame, as the detector fills them."""
+    headers = np.zeros(fmt.n_packets, fmt.header)
+    packets = np.arange(fmt.n_packets)
+    if fmt.detector_type == "gigafrost":
+        quadrant, link = gigafrost_quadrant(module)
+        half_height = config.image_pixel_height // 2
+        headers["protocol_id"] = GIGAFROST_PROTOCOL_ID
+        headers["quadrant_row_length_in_blocks"] = fmt.module_shape[1] // 12
+        headers["quadrant_rows"] = (half_height & 0xFF) | (quadrant % 2 == 0)
+        headers["status_flags"] = (quadrant << 6) | (link << 5) | (5 << 2) | (
+            (half_height >> 8) & 3)
+        headers["frame_index"] = frame
+        headers["packet_starting_row"] = packets * fmt.rows_per_packet
+        headers["image_timing"] = 300_000
+        headers["sync_time"] = 200_000
+        headers["scan_time"] = 100_000
+        return headers
+    headers["framenum"] = frame
+    headers["packetnum"] = packets
+    headers["module_id"] = module
+    headers["header_version"] = 2
+    if fmt.detector_type == "jungfrau":
+        headers["bunchid"] = pulse_id_of(frame)
+        headers["debug"] = daq_rec_of(frame)
+        headers["detector_type"] = 3
+    else:
+        headers["det_spec1"] = pulse_id_of(frame)
+        headers["detector_type"] = 1
+    return headers
+
+
+@dataclass
+class Faults:
+    """Faults to inject. ``drop`` holds (frame, module, packet) triples."""
+
+    drop_fraction: float = 0.0
+    drop: set[tuple[int, int, int]] = field(default_factory=set)
+    reorder: bool = False
+    duplicate_fraction: float = 0.0
+    silent_modules: set[int] = field(default_factory=set)
+    seed: int = 0
+
+
+def packet_order(n_packets: int, frame: int, module: int, faults: Faults,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Indices of the packets to send for one module frame, faults applied, in send order."""
+    keep = np.ones(n_packets, bool)
+    if faults.drop_fraction:
+        keep &= rng.random(n_packets) >= faults.drop_fraction
+    for f, m, p in faults.drop:
+        if f == frame and m == module and 0 <= p < n_packets:
+            keep[p] = False
+    order = np.flatnonzero(keep)
+    if faults.duplicate_fraction:
+        extra = order[rng.random(len(order)) < faults.duplicate_fraction]
+        order = np.concatenate([order, extra])
+        if not faults.reorder:  # a duplicate follows its original
+            order = np.sort(order, kind="stable")
+    if faults.reorder:
+        rng.shuffle(order)
+    return order
+
+
+class DetectorSimulator:
+    """Sends the UDP streams of all modules of a detector config."""
+
+    def __init__(self, config: DetectorConfig, host: str = "127.0.0.1",
+                 faults: Faults | None = None):
+        self.config = config
+        self.host = host
+        self.faults = faults or Faults()
+        self.fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+        self.stop_event = threading.Event()
+        self.frames_sent = 0
+        self.packets_sent = 0
+
+    def module_frame(self, frame: int, module: int) -> tuple[np.ndarray, np.ndarray]:
+        """(headers, frame bytes) of one module frame."""
+        pixels = module_pixels(self.config.detector_type, self.config.bit_depth,
+                               self.fmt.module_shape, frame, module)
+        return (packet_headers(self.config, self.fmt, frame, module),
+                encode_frame(self.fmt, pixels))
+
+    def run(self, n_frames: int, rate_hz: float = 0.0, start_frame: int = 1) -> int:
+        """Send ``n_frames`` frames (0 = until stopped) at ``rate_hz`` (0 = at full speed)."""
+        config, fmt = self.config, self.fmt
+        rng = np.random.default_rng(self.faults.seed)
+        modules = [m for m in range(config.n_modules) if m not in self.faults.silent_modules]
+        sockets = {}
+        for m in modules:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20)
+            sock.connect((self.host, config.udp_port(m)))
+            sockets[m] = sock
+        n_max = 2 * fmt.n_packets
+        vector = MessageVector(n_max, fmt.header.itemsize)
+        sizes = np.full(fmt.n_packets, fmt.payload_bytes, np.uint64)
+        sizes[-1] = fmt.last_payload_bytes
+        start = time.monotonic()
+        frame = start_frame
+        try:
+            while not self.stop_event.is_set() and (n_frames == 0 or
+                                                     self.frames_sent < n_frames):
+                for m in modules:
+                    headers, data = self.module_frame(frame, m)
+                    order = packet_order(fmt.n_packets, frame, m, self.faults, rng)
+                    k = len(order)
+                    vector.headers[:k] = headers.view(np.uint8).reshape(fmt.n_packets, -1)[order]
+                    offsets = order.astype(np.uint64) * np.uint64(fmt.payload_bytes)
+                    vector.set_payloads(np.uint64(data.ctypes.data) + offsets, sizes[order])
+                    self.packets_sent += vector.send(sockets[m].fileno(), k)
+                self.frames_sent += 1
+                frame += 1
+                if rate_hz > 0:
+                    delay = start + self.frames_sent / rate_hz - time.monotonic()
+                    if delay > 0:
+                        self.stop_event.wait(delay)
+        finally:
+            for sock in sockets.values():
+                sock.close()
+        return self.frames_sent
+
+
+def _drop_triple(text: str) -> tuple[int, int, int]:
+    try:
+        frame, module, packet = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FRAME:MODULE:PACKET integers, got {text!r}") from None
+    return frame, module, packet
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stddaq-simulator",
+        description="Simulate a Jungfrau, Eiger or Gigafrost detector: send its UDP module "
+        "streams (port start_udp_port + module) with known pixel content.",
+    )
+    parser.add_argument("config", help="detector config JSON file")
+    parser.add_argument("--host", default="127.0.0.1", help="receiver address (default: "
+                        "%(default)s)")
+    parser.add_argument("-n", "--frames", type=int, default=100,
+                        help="frames to send, 0 = until stopped (default: %(default)s)")
+    parser.add_argument("-r", "--rate", type=float, default=10.0,
+                        help="frames per second, 0 = as fast as possible (default: %(default)s)")
+    parser.add_argument("--start-frame", type=int, default=1, help="first frame number")
+    parser.add_argument("--drop-fraction", type=_fraction, default=0.0,
+                        help="drop this fraction of packets at random")
+    parser.add_argument("--drop", type=_drop_triple, action="append", default=[],
+                        metavar="FRAME:MODULE:PACKET", help="drop one packet (repeatable)")
+    parser.add_argument("--reorder", action="store_true",
+                        help="send each module frame's packets in random order")
+    parser.add_argument("--duplicate-fraction", type=_fraction, default=0.0,
+                        help="send this fraction of packets twice")
+    parser.add_argument("--silent-module", type=int, action="append", default=[],
+                        help="never send this module (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the faults")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.frames < 0 or args.rate < 0 or args.start_frame < 0:
+        parser.error("--frames, --rate and --start-frame must be >= 0")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"stddaq-simulator: error: {exc}", file=sys.stderr)
+        return 1
+    faults = Faults(args.drop_fraction, set(args.drop), args.reorder, args.duplicate_fraction,
+                    set(args.silent_module), args.seed)
+    simulator = DetectorSimulator(config, args.host, faults)
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: simulator.stop_event.set())
+    began = time.monotonic()
+    try:
+        sent = simulator.run(args.frames, args.rate, args.start_frame)
+    except OSError as exc:
+        print(f"stddaq-simulator: error: sending to {args.host}: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.monotonic() - began
+    log.info("sent %d frames (%d packets) of %s in %.2f s (%.1f Hz)", sent,
+             simulator.packets_sent, config.detector_name, elapsed, sent / max(elapsed, 1e-9))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

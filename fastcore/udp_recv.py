@@ -1,0 +1,349 @@
+"""UDP receiver: one module's packets -> FrameBuffer slots + ModuleFrame metadata on ZMQ.
+
+Each recvmmsg call lands payloads at the *expected* places (the packets after the highest
+one received, in order), so in the normal case every payload is already where it belongs
+and a batch costs a few vectorised header checks. A batch holding a lost, reordered,
+duplicated or foreign packet is staged and placed packet by packet. A frame is committed
+when all its packets are in, when a packet of a newer frame arrives, or when the stream
+goes quiet; missing packets are zeroed and counted (``n_recv_packets``), never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from fastcore.buffers import FrameBuffer, shm_name
+from fastcore.config import DetectorConfig
+from fastcore.detectors import ModuleFormat, gigafrost_quadrant, module_format
+from fastcore.formats import INVALID_ID
+from fastcore.process import add_common_arguments, ipc_address, run_service
+from fastcore.udp import MSG_TRUNC, MessageVector, open_receive_socket
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ReceiverStats:
+    frames: int = 0
+    incomplete_frames: int = 0
+    packets: int = 0
+    lost_packets: int = 0
+    duplicate_packets: int = 0
+    late_packets: int = 0
+    invalid_packets: int = 0
+
+
+def module_origin(config: DetectorConfig, module_id: int) -> tuple[int, int]:
+    """(pos_y, pos_x) of a module's top-left corner on the image."""
+    if config.detector_type == "gigafrost":
+        quadrant, _ = gigafrost_quadrant(module_id)
+        height, width = config.image_shape
+        return (0 if quadrant >= 2 else height // 2, width // 2 if quadrant % 2 else 0)
+    sx, sy, ex, ey = config.module_positions[module_id]
+    return (min(sy, ey), min(sx, ex))
+
+
+@dataclass
+class FramePlacer:
+    """Receive state of one module over a FrameBuffer: the open frame and its packets.
+
+    Socket-free: :class:`ModuleReceiver` feeds it batches. ``on_commit(frame_id)`` runs
+    after a frame's ModuleFrame is written (its id last, so readers see a whole frame).
+    """
+
+    fmt: ModuleFormat
+    buffer: FrameBuffer
+    module_id: int
+    origin: tuple[int, int]
+    on_commit: Callable[[int], None]
+    stats: ReceiverStats = field(default_factory=ReceiverStats)
+
+    def __post_init__(self) -> None:
+        self.current: int | None = None  # id of the last opened frame
+        self.is_open = False  # the current frame still takes packets
+        self.idle = True  # stream quiet: the next packet may start any frame id
+        self.high = -1  # highest packet index received in the current frame
+        self.received = np.zeros(self.fmt.n_packets, bool)
+        self.n_received = 0
+        self._fields = (0, 0)  # (pulse_id, daq_rec) of the current frame
+        self._claimed = -1  # frame id whose slot was last marked INVALID
+        self._base = buffer_base = self.buffer.segment.array
+        self._base_address = np.uint64(buffer_base.ctypes.data)
+
+    def landing(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(frame ids, packet indices) of the places where the next packets are expected."""
+        n = self.fmt.n_packets
+        first = 0 if self.current is None else self.current
+        start = self.high + 1 if self.current is not None else 0
+        seq = start + np.arange(count, dtype=np.int64)
+        return first + seq // n, seq % n
+
+    def landing_addresses(self, frames: np.ndarray, packets: np.ndarray) -> np.ndarray:
+        """Addresses of the landing places; a slot is marked INVALID before first use."""
+        buffer = self.buffer
+        first, last = int(frames[0]), int(frames[-1])
+        for frame in {first, last}:
+            if frame != self._claimed and not (frame == self.current and self.is_open):
+                buffer.module_frame(frame, self.module_id)["id"] = INVALID_ID
+                self._claimed = frame
+        bases = np.array([buffer.data_address(buffer.slot(f), self.module_id)
+                          for f in (first, last)], np.uint64)
+        base = np.where(frames == first, bases[0], bases[1])
+        return base + packets.astype(np.uint64) * np.uint64(self.fmt.payload_bytes)
+
+    def accept(self, headers: np.ndarray, lengths: np.ndarray, flags: np.ndarray,
+               land_frames: np.ndarray, land_packets: np.ndarray,
+               addresses: np.ndarray) -> None:
+        """Book a received batch that landed at ``addresses`` (from :meth:`landing`)."""
+        fmt = self.fmt
+        frames = fmt.frame_numbers(headers).astype(np.int64)
+        packets = fmt.packet_numbers(headers)
+        sizes = np.where(packets == fmt.n_packets - 1, fmt.last_payload_bytes, fmt.payload_bytes)
+        good = (lengths == fmt.header.itemsize + sizes) & ((flags & MSG_TRUNC) == 0)
+        self.stats.packets += len(frames)
+        if (not self.idle and good.all() and (frames == land_frames).all()
+                and (packets == land_packets).all()):
+            self._accept_in_order(frames, packets, headers)
+        else:
+            self._accept_staged(frames, packets, headers, good, self._stage(addresses))
+
+    def _stage(self, addresses: np.ndarray) -> np.ndarray:
+        size = self.fmt.payload_bytes
+        offsets = (addresses - self._base_address).astype(np.int64)
+        staged = np.empty((len(offsets), size), np.uint8)
+        for i, offset in enumerate(offsets):
+            staged[i] = self._base[offset : offset + size]
+        return staged
+
+    def _accept_in_order(self, frames: np.ndarray, packets: np.ndarray,
+                         headers: np.ndarray) -> None:
+        split = int(np.searchsorted(frames, self.current, side="right"))
+        self._mark(packets[:split])
+        if split < len(frames):  # the batch ran into the next frame
+            if self.is_open:
+                self._commit()
+            self._open(int(frames[split]), headers[split])
+            self._mark(packets[split:])
+        if self.n_received == self.fmt.n_packets:
+            self._commit()
+
+    def _mark(self, packets: np.ndarray) -> None:
+        if len(packets):
+            self.received[packets] = True
+            self.n_received += len(packets)
+            self.high = int(packets[-1])
+
+    def _accept_staged(self, frames: np.ndarray, packets: np.ndarray, headers: np.ndarray,
+                       good: np.ndarray, staged: np.ndarray) -> None:
+        payload_bytes, n_packets = self.fmt.payload_bytes, self.fmt.n_packets
+        for i in range(len(frames)):
+            frame, packet = int(frames[i]), int(packets[i])
+            if not good[i] or not 0 <= packet < n_packets:
+                self.stats.invalid_packets += 1
+                continue
+            if self.idle or frame > self.current:
+                if self.is_open:
+                    self._commit()
+                self._open(frame, headers[i])
+            elif frame < self.current or not self.is_open:
+                self.stats.late_packets += 1
+                continue
+            if self.received[packet]:
+                self.stats.duplicate_packets += 1
+                continue
+            start = packet * payload_bytes
+            self.buffer.frame(frame, self.module_id)[start : start + payload_bytes] = staged[i]
+            self.received[packet] = True
+            self.n_received += 1
+            self.high = max(self.high, packet)
+            if self.n_received == n_packets:
+                self._commit()
+
+    def _open(self, frame: int, header: np.void) -> None:
+        if self._claimed != frame:
+            self.buffer.module_frame(frame, self.module_id)["id"] = INVALID_ID
+            self._claimed = frame
+        self.current = frame
+        self.is_open = True
+        self.idle = False
+        self.received[:] = False
+        self.n_received = 0
+        self.high = -1
+        if self.fmt.detector_type == "jungfrau":
+            self._fields = (int(header["bunchid"]), int(header["debug"]))
+        elif self.fmt.detector_type == "eiger":
+            self._fields = (int(header["det_spec1"]), 0)
+        else:
+            self._fields = (0, int(header["image_status_flags"]))
+
+    def _commit(self) -> None:
+        frame, n = self.current, self.n_received
+        n_packets = self.fmt.n_packets
+        if n < n_packets:
+            rows = self.buffer.frame(frame, self.module_id).reshape(n_packets, -1)
+            rows[~self.received] = 0
+            self.stats.incomplete_frames += 1
+            self.stats.lost_packets += n_packets - n
+        record = self.buffer.module_frame(frame, self.module_id)
+        record["pulse_id"], record["daq_rec"] = self._fields
+        record["frame_index"] = frame
+        record["n_recv_packets"] = n
+        record["module_id"] = self.module_id
+        record["pos_y"], record["pos_x"] = self.origin
+        record["id"] = frame
+        self.stats.frames += 1
+        self.is_open = False
+        self.high = n_packets - 1  # in-order packets now land in the next frame
+        self.on_commit(frame)
+
+    def flush(self) -> None:
+        """The stream went quiet: commit the open frame; any frame id may come next."""
+        if self.is_open:
+            self._commit()
+        self.idle = True
+
+
+class ModuleReceiver:
+    """Receives one module's UDP stream into the FrameBuffer; pushes ModuleFrame to sync."""
+
+    def __init__(self, config: DetectorConfig, module_id: int, frames_address: str,
+                 batch: int = 128):
+        self.config = config
+        self.module_id = module_id
+        self.fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+        self.batch = min(batch, self.fmt.n_packets)
+        self.frames_address = frames_address
+        self.stop_event = threading.Event()
+
+    def open_socket(self) -> socket.socket:
+        return open_receive_socket(self.config.udp_host, self.config.udp_port(self.module_id))
+
+    def run(self, sock: socket.socket | None = None) -> ReceiverStats:
+        """Receive until :attr:`stop_event` is set; returns the counters."""
+        config, fmt = self.config, self.fmt
+        sock = sock or self.open_socket()
+        buffer = FrameBuffer.attach(shm_name(config.detector_name, "frames"), writable=True)
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(self.frames_address)
+
+        def publish(frame_id: int) -> None:
+            push.send(buffer.module_frame(frame_id, self.module_id).tobytes())
+
+        placer = FramePlacer(fmt, buffer, self.module_id,
+                             module_origin(config, self.module_id), publish)
+        vector = MessageVector(self.batch, fmt.header.itemsize)
+        headers = vector.headers.view(fmt.header)[:, 0]
+        fd, last_log, logged = sock.fileno(), time.monotonic(), None
+        log.info("module %d receiving on udp %s:%d (%d packets of %d B per frame)",
+                 self.module_id, *sock.getsockname(), fmt.n_packets, fmt.payload_bytes)
+        try:
+            while not self.stop_event.is_set():
+                land_frames, land_packets = placer.landing(self.batch)
+                addresses = placer.landing_addresses(land_frames, land_packets)
+                vector.set_payloads(addresses, fmt.payload_bytes)
+                n = vector.recv(fd, self.batch)
+                if n:
+                    placer.accept(headers[:n], vector.msgs["len"][:n],
+                                  vector.msgs["flags"][:n], land_frames[:n],
+                                  land_packets[:n], addresses[:n])
+                else:
+                    placer.flush()
+                if time.monotonic() - last_log > 5 and placer.stats != logged:
+                    logged, last_log = ReceiverStats(**placer.stats.__dict__), time.monotonic()
+                    log.info("module %d: %s", self.module_id, placer.stats)
+            placer.flush()
+            log.info("module %d stopped: %s", self.module_id, placer.stats)
+        finally:
+            sock.close()
+            push.close()
+            buffer.close()
+        return placer.stats
+
+
+def _run_module(receiver: ModuleReceiver, sock: socket.socket) -> None:
+    """Child process body: receive until SIGTERM (sent also when the parent dies)."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: receiver.stop_event.set())
+    signal.signal(signal.SIGINT, lambda *_: receiver.stop_event.set())
+    receiver.run(sock)
+
+
+def serve(config: DetectorConfig, modules: list[int], stop: threading.Event,
+          ipc_dir: str) -> None:
+    """Create the FrameBuffer, bind every module's port, run one process per module."""
+    fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+    address = ipc_address(ipc_dir, config.detector_name, "frames")
+    receivers = [ModuleReceiver(config, m, address) for m in modules]
+    sockets = [r.open_socket() for r in receivers]  # an occupied port fails here, clearly
+    buffer = FrameBuffer.create(shm_name(config.detector_name, "frames"),
+                                config.n_frame_slots, config.n_modules, fmt.frame_bytes)
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_run_module, args=(r, s), name=f"udp-recv-{r.module_id}",
+                            daemon=True) for r, s in zip(receivers, sockets, strict=True)]
+    try:
+        for child in children:
+            child.start()
+        for sock in sockets:
+            sock.close()
+        log.info("ready: receiving modules %s of %s", modules, config.detector_name)
+        while not stop.wait(0.2):
+            dead = [c for c in children if not c.is_alive()]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exitcode}")
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+        for child in children:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        buffer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stddaq-udp-recv",
+        description="Receive a detector's UDP module streams into the FrameBuffer "
+        "(one process per module) and send ModuleFrame metadata to stddaq-sync.",
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--modules", default=None,
+                        help="comma-separated module indices to receive (default: all)")
+    args = parser.parse_args(argv)
+
+    def body(config: DetectorConfig, stop: threading.Event) -> None:
+        modules = list(range(config.n_modules))
+        if args.modules:
+            try:
+                modules = [int(m) for m in args.modules.split(",")]
+            except ValueError:
+                raise ValueError(f"--modules: expected comma-separated integers, "
+                                 f"got {args.modules!r}") from None
+            bad = [m for m in modules if not 0 <= m < config.n_modules]
+            if bad:
+                raise ValueError(f"--modules: {bad} not in 0..{config.n_modules - 1}")
+        serve(config, modules, stop, args.ipc_dir)
+
+    return run_service("stddaq-udp-recv", args, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

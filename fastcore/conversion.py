@@ -29,9 +29,8 @@ def convert_jungfrau(raw, calibration, out):  # pragma: no cover - compiled
         for j in range(cols):
             value = raw[i, j]
             stage = _STAGE[value >> 14]
-            out[i, j] = ((value & 0x3FFF) - calibration[stage, i, j, 0]) * calibration[
-                stage, i, j, 1
-            ]
+            adc = np.float32(value & 0x3FFF)
+            out[i, j] = (adc - calibration[stage, i, j, 0]) * calibration[stage, i, j, 1]
 
 
 def _load_array(path: str, field: str) -> np.ndarray:

@@ -1,0 +1,85 @@
+"""Shared test helpers: unique detector configs, real processes, clean-up checks."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fastcore.launch import ChildProcess
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def free_udp_ports(n: int) -> int:
+    """First of ``n`` consecutive UDP ports free on 127.0.0.1."""
+    for _ in range(200):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        start = probe.getsockname()[1]
+        probe.close()
+        if start + n > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(start, start + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free UDP ports")
+
+
+def shm_files(detector_name: str) -> list[str]:
+    return glob.glob(f"/dev/shm/stddaq.{detector_name}.*")
+
+
+class Proc(ChildProcess):
+    """A ChildProcess that fails the test if it leaves processes behind."""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        code = super().stop(timeout)
+        assert not self.leftovers, f"{self.args}: left processes {self.leftovers}"
+        return code
+
+
+def module_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Write a config for an example detector with a unique name and free UDP ports."""
+    made = []
+
+    def make(example: str, **overrides) -> tuple[Path, dict]:
+        raw = json.loads((CONFIGS / example).read_text())
+        raw["detector_name"] = f"t{uuid.uuid4().hex[:10]}"
+        raw["start_udp_port"] = free_udp_ports(raw["n_modules"])
+        raw["udp_host"] = "127.0.0.1"
+        raw["n_image_slots"] = 64
+        raw["n_frame_slots"] = 32
+        raw.update(overrides)
+        path = tmp_path / f"{raw['detector_name']}.json"
+        path.write_text(json.dumps(raw))
+        made.append(raw["detector_name"])
+        return path, raw
+
+    yield make
+    for name in made:
+        leftovers = shm_files(name)
+        for path in leftovers:
+            os.unlink(path)
+        assert not leftovers, f"shared memory left behind: {leftovers}"

@@ -112,3 +112,13 @@ def test_receiver_killed_hard_leaves_no_children_and_restart_replaces_segment(
     finally:
         assert second.stop() == 0
     assert not shm_files(raw["detector_name"])
+
+
+def test_demo_runs_end_to_end_and_checks_images(make_config):
+    path, _ = make_config("jungfrau_1m.json")
+    result = run("fastcore.demo", str(path), "-n", "40", "-r", "40", "--check-every", "4",
+                 timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "images received   40 of 40 (lost 0)" in result.stdout
+    assert "pixel check       10 of 10 sampled images identical" in result.stdout
+    assert "result            OK" in result.stdout

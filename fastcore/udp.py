@@ -110,13 +110,6 @@ def open_receive_socket(host: str, port: int, rcvbuf: int = DEFAULT_RCVBUF,
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # kernel doubles
-        if granted < rcvbuf:
-            log.warning(
-                "UDP port %d: receive buffer capped at %.1f MiB (asked %.0f MiB) by "
-                "net.core.rmem_max; packets may be lost at high rates. Fix: sysctl -w "
-                "net.core.rmem_max=%d", port, granted / 2**20, rcvbuf / 2**20, rcvbuf,
-            )
         seconds = int(timeout_s)
         micros = int((timeout_s - seconds) * 1e6)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
@@ -128,6 +121,14 @@ def open_receive_socket(host: str, port: int, rcvbuf: int = DEFAULT_RCVBUF,
                 raise OSError(exc.errno, f"UDP port {port} on {host} is already in use "
                               "(is another receiver running?)") from None
             raise OSError(exc.errno, f"cannot bind UDP {host}:{port}: {exc.strerror}") from None
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # kernel doubles
+        if granted < rcvbuf:
+            log.warning(
+                "UDP port %d: receive buffer capped at %.1f MiB (asked %.0f MiB) by "
+                "net.core.rmem_max; packets may be lost at high rates. Fix: sysctl -w "
+                "net.core.rmem_max=%d",
+                sock.getsockname()[1], granted / 2**20, rcvbuf / 2**20, rcvbuf,
+            )
     except BaseException:
         sock.close()
         raise

@@ -81,8 +81,12 @@ class FramePlacer:
         self.n_received = 0
         self._fields = (0, 0)  # (pulse_id, daq_rec) of the current frame
         self._claimed = -1  # frame id whose slot was last marked INVALID
-        self._base = buffer_base = self.buffer.segment.array
-        self._base_address = np.uint64(buffer_base.ctypes.data)
+        self._base = self.buffer.segment.array
+        self._base_address = np.uint64(self._base.ctypes.data)
+        self._slot_addresses = np.array(
+            [self.buffer.data_address(slot, self.module_id)
+             for slot in range(self.buffer.n_slots)], np.uint64)
+        self._payload_bytes = np.uint64(self.fmt.payload_bytes)
 
     def landing(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(frame ids, packet indices) of the places where the next packets are expected."""
@@ -94,16 +98,12 @@ class FramePlacer:
 
     def landing_addresses(self, frames: np.ndarray, packets: np.ndarray) -> np.ndarray:
         """Addresses of the landing places; a slot is marked INVALID before first use."""
-        buffer = self.buffer
-        first, last = int(frames[0]), int(frames[-1])
-        for frame in {first, last}:
+        for frame in {int(frames[0]), int(frames[-1])}:
             if frame != self._claimed and not (frame == self.current and self.is_open):
-                buffer.module_frame(frame, self.module_id)["id"] = INVALID_ID
+                self.buffer.module_frame(frame, self.module_id)["id"] = INVALID_ID
                 self._claimed = frame
-        bases = np.array([buffer.data_address(buffer.slot(f), self.module_id)
-                          for f in (first, last)], np.uint64)
-        base = np.where(frames == first, bases[0], bases[1])
-        return base + packets.astype(np.uint64) * np.uint64(self.fmt.payload_bytes)
+        slots = frames % self.buffer.n_slots
+        return self._slot_addresses[slots] + packets.astype(np.uint64) * self._payload_bytes
 
     def accept(self, headers: np.ndarray, lengths: np.ndarray, flags: np.ndarray,
                land_frames: np.ndarray, land_packets: np.ndarray,

@@ -122,3 +122,24 @@ def test_demo_runs_end_to_end_and_checks_images(make_config):
     assert "images received   40 of 40 (lost 0)" in result.stdout
     assert "pixel check       10 of 10 sampled images identical" in result.stdout
     assert "result            OK" in result.stdout
+
+
+def test_capped_receive_buffer_is_logged_with_the_fix(make_config, tmp_path):
+    """Without CAP_NET_ADMIN the kernel caps SO_RCVBUF at net.core.rmem_max: the receiver
+    says so, with the sysctl that lifts the cap, and keeps running."""
+    path, raw = make_config("jungfrau_1m.json")
+    args = ["setpriv", "--bounding-set=-net_admin",
+            *module_cmd("fastcore.udp_recv", str(path), "--ipc-dir", str(tmp_path))]
+    receiver = Proc(args, tmp_path / "recv.log")
+    try:
+        receiver.wait_for("ready")
+        receiver.wait_for("receiving on udp")
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+        if rmem_max >= 256 * 2**20:
+            pytest.skip("net.core.rmem_max is already >= 256 MiB: nothing is capped")
+        assert (f"UDP port {raw['start_udp_port']}: receive buffer capped at "
+                f"{rmem_max / 2**20:.1f} MiB") in receiver.output
+        assert "sysctl -w net.core.rmem_max=268435456" in receiver.output
+    finally:
+        assert receiver.stop() == 0

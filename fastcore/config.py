@@ -132,28 +132,30 @@ def _positions(raw: Any, n_modules: int | None, errors: list[str]
     return positions
 
 
-def _geometry_errors(config: DetectorConfig) -> list[str]:
+def _geometry_errors(detector_type: str, bit_depth: int, n_modules: int,
+                     image_shape: tuple[int, int],
+                     positions: dict[int, tuple[int, int, int, int]]) -> list[str]:
     """Module positions must fit the image and match the module size (with or without
     chip gaps); Gigafrost images must split into its 8 quadrant links."""
-    height, width = config.image_shape
-    if config.detector_type == "gigafrost":
+    height, width = image_shape
+    if detector_type == "gigafrost":
         errors = []
-        if config.n_modules != GIGAFROST_N_MODULES:
+        if n_modules != GIGAFROST_N_MODULES:
             errors.append(f"n_modules: gigafrost has {GIGAFROST_N_MODULES} modules "
-                          f"(4 quadrants x 2 links), got {config.n_modules}")
+                          f"(4 quadrants x 2 links), got {n_modules}")
         if width % 24 or height % 4:
             errors.append("image_pixel_width, image_pixel_height: gigafrost needs a width "
                           f"divisible by 24 and a height divisible by 4, got {width}x{height}")
         return errors
-    fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+    fmt = module_format(detector_type, bit_depth, image_shape)
     sizes = {fmt.module_shape, fmt.chip_gap_shape()}
     allowed = " or ".join(f"{w}x{h}" for h, w in sorted(sizes))
     errors = []
-    for module, (sx, sy, ex, ey) in sorted(config.module_positions.items()):
+    for module, (sx, sy, ex, ey) in sorted(positions.items()):
         size = (abs(ey - sy) + 1, abs(ex - sx) + 1)
         where = f"module_positions[\"{module}\"]"
         if size not in sizes:
-            errors.append(f"{where}: a {config.detector_type} module is {allowed} pixels "
+            errors.append(f"{where}: a {detector_type} module is {allowed} pixels "
                           f"(width x height), got {size[1]}x{size[0]}")
         if min(sx, ex) < 0 or max(sx, ex) >= width or min(sy, ey) < 0 or max(sy, ey) >= height:
             errors.append(f"{where}: corners {[sx, sy, ex, ey]} outside the "
@@ -231,6 +233,10 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
     for key in sorted(set(extra) - _IGNORED_FIELDS):
         log.warning("%s: unknown field %r ignored", source, key)
 
+    if (det_type and bit_depth in BIT_DEPTHS[det_type] and n_modules is not None
+            and height is not None and width is not None):  # geometry errors come too
+        errors.extend(_geometry_errors(det_type, bit_depth, n_modules, (height, width),
+                                       positions))
     if not errors:
         config = DetectorConfig(
             detector_name=name, detector_type=det_type, n_modules=n_modules,  # type: ignore[arg-type]
@@ -238,7 +244,6 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
             start_udp_port=port, writer_user_id=user, module_positions=positions,  # type: ignore[arg-type]
             extra=extra, **optional,
         )
-        errors.extend(_geometry_errors(config))
     if errors:
         raise ConfigError(f"{source}: invalid detector config:\n  - " + "\n  - ".join(errors))
     return config

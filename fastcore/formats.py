@@ -52,6 +52,8 @@ class ImageStatus(enum.IntFlag):
     MISSING_MODULES = 2
     ID_MISMATCH = 4
     """A module's FrameBuffer slot was overwritten while the image was assembled."""
+    NOT_IN_BUFFER = 8
+    """The writer found the image's ImageBuffer slot overwritten: it is not in the file."""
 
 
 class Encoding(enum.IntEnum):
@@ -155,8 +157,9 @@ GIGAFROST_HEADER = np.dtype(
 
 GIGAFROST_PROTOCOL_ID = 0xCB
 
-def pack(dtype: np.dtype, **fields: int | float) -> bytes:
-    """One struct of ``dtype`` as bytes; unnamed fields are 0."""
+def pack(dtype: np.dtype, /, **fields: int | float) -> bytes:
+    """One struct of ``dtype`` as bytes; unnamed fields are 0 (``dtype`` is positional-only,
+    so ImageMetadata's own ``dtype`` field can be given)."""
     record = np.zeros((), dtype=dtype)
     for name, value in fields.items():
         record[name] = value

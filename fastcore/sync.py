@@ -62,6 +62,7 @@ class FrameSynchronizer:
                 return self.ready(now)
             log.warning("frame id went back from %d to %d after a pause: new acquisition",
                         self.last_sent, frame_id)
+            self.last_sent = frame_id - 1  # the other modules' frames of this id are not late
         pending = self.pending.setdefault(frame_id, _Pending(now))
         pending.modules[int(record["module_id"])] = record
         return self.ready(now)

@@ -34,6 +34,9 @@ from fastcore.udp import MSG_TRUNC, MessageVector, open_receive_socket
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+RESTART_AFTER_QUIET_FLUSHES = 10
+"""Quiet receive timeouts (100 ms each) after which the id just committed may start a new
+acquisition; before that, packets of that id are stragglers and counted late."""
 
 
 @dataclass
@@ -76,6 +79,7 @@ class FramePlacer:
         self.current: int | None = None  # id of the last opened frame
         self.is_open = False  # the current frame still takes packets
         self.idle = True  # stream quiet: the next packet may start any frame id
+        self.quiet_flushes = 0  # receive timeouts in a row
         self.high = -1  # highest packet index received in the current frame
         self.received = np.zeros(self.fmt.n_packets, bool)
         self.n_received = 0
@@ -120,6 +124,7 @@ class FramePlacer:
             self._accept_in_order(frames, packets, headers)
         else:
             self._accept_staged(frames, packets, headers, good, self._stage(addresses))
+        self.quiet_flushes = 0
 
     def _stage(self, addresses: np.ndarray) -> np.ndarray:
         size = self.fmt.payload_bytes
@@ -154,6 +159,10 @@ class FramePlacer:
             frame, packet = int(frames[i]), int(packets[i])
             if not good[i] or not 0 <= packet < n_packets:
                 self.stats.invalid_packets += 1
+                continue
+            if (self.idle and frame == self.current and not self.is_open
+                    and self.quiet_flushes < RESTART_AFTER_QUIET_FLUSHES):
+                self.stats.late_packets += 1  # a straggler of the frame just committed
                 continue
             if self.idle or frame > self.current:
                 if self.is_open:
@@ -211,10 +220,12 @@ class FramePlacer:
         self.on_commit(frame)
 
     def flush(self) -> None:
-        """The stream went quiet: commit the open frame; any frame id may come next."""
+        """The stream went quiet: commit the open frame; any frame id may come next (the
+        id just committed only after RESTART_AFTER_QUIET_FLUSHES quiet timeouts)."""
         if self.is_open:
             self._commit()
         self.idle = True
+        self.quiet_flushes += 1
 
 
 class ModuleReceiver:

@@ -460,3 +460,24 @@ def test_module_frame_record_layout(make_link):
     values = np.frombuffer(raw, "<u8")
     # id, pulse_id, frame_index, daq_rec, n_recv_packets, module_id, pos_y, pos_x
     assert values.tolist() == [3, 1030, 3, 3, 128, 0, 0, 0]
+
+
+@detectors
+def test_straggler_after_flush_does_not_reopen_the_committed_frame(make_link, config):
+    from fastcore.udp_recv import RESTART_AFTER_QUIET_FLUSHES
+
+    link = make_link(config)
+    n = link.fmt.n_packets
+    link.receive(link.frame_packets(5))
+    link.placer.flush()
+    link.receive(link.frame_packets(5, [n - 1]))  # a duplicate arriving after the timeout
+    link.placer.flush()
+    assert link.commits == [5]
+    assert link.stats()["late_packets"] == 1
+    link.check_frame(5)
+    assert int(link.committed[5][0]["n_recv_packets"]) == n
+    for _ in range(RESTART_AFTER_QUIET_FLUSHES):  # a long pause: a new acquisition
+        link.placer.flush()
+    link.receive(link.frame_packets(5))
+    assert link.commits == [5, 5]
+    link.check_frame(5)

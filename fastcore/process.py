@@ -14,6 +14,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+import zmq
+
 from fastcore.buffers import ShmBufferError
 from fastcore.config import ConfigError, DetectorConfig, load_config
 
@@ -26,6 +28,15 @@ LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s %(message)s"
 def ipc_address(ipc_dir: str, detector_name: str, stream: str) -> str:
     """ZMQ ipc address of one of a detector's internal streams."""
     return f"ipc://{os.path.join(ipc_dir, f'stddaq-{detector_name}-{stream}')}"
+
+
+def subscribe(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """A SUB socket connected to ``address``, subscribed to everything."""
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVHWM, 100_000)
+    sub.connect(address)
+    return sub
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -42,6 +44,12 @@ def free_udp_ports(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free UDP ports")
 
 
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def shm_files(detector_name: str) -> list[str]:
     return glob.glob(f"/dev/shm/stddaq.{detector_name}.*")
 
@@ -60,12 +68,24 @@ def module_cmd(module: str, *args: str) -> list[str]:
 
 
 @pytest.fixture
+def ipc_dir():
+    """A short private directory for ZMQ ipc sockets (their paths are length-limited)."""
+    path = tempfile.mkdtemp(prefix="sdq")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def make_config(tmp_path):
     """Write a config for an example detector with a unique name and free UDP ports."""
     made = []
 
-    def make(example: str, **overrides) -> tuple[Path, dict]:
-        raw = json.loads((CONFIGS / example).read_text())
+    def make(example: str | dict, **overrides) -> tuple[Path, dict]:
+        """A config from an example file name, or a copy of another config dict."""
+        if isinstance(example, dict):
+            raw = dict(example)
+        else:
+            raw = json.loads((CONFIGS / example).read_text())
         raw["detector_name"] = f"t{uuid.uuid4().hex[:10]}"
         raw["start_udp_port"] = free_udp_ports(raw["n_modules"])
         raw["udp_host"] = "127.0.0.1"

@@ -28,13 +28,6 @@ from tests.conftest import REPO, Proc, module_cmd
 from tests.pipeline import Pipeline
 
 
-@pytest.fixture
-def ipc_dir():
-    path = tempfile.mkdtemp(prefix="sdq")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 class WriterHarness:
     """A writer process fed by the test, which plays the assembler and the writer agent."""
 

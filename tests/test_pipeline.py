@@ -6,9 +6,6 @@ simulator's documented content; metadata (id, pulse id, status) as sent.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import numpy as np
 import pytest
 
@@ -17,13 +14,6 @@ from fastcore.config import load_config
 from fastcore.formats import ImageStatus, code_dtype
 from fastcore.simulator import DetectorSimulator, Faults, daq_rec_of, pulse_id_of
 from tests.pipeline import Pipeline, expected_image
-
-
-@pytest.fixture
-def ipc_dir():
-    path = tempfile.mkdtemp(prefix="sdq")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_and_check(config_path, raw, ipc_dir, log_dir, n_frames=12, rate=50.0,

@@ -347,3 +347,32 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
         for i in range(n):
             np.testing.assert_array_equal(data[i], expected_image(raw, i + 1, data.dtype))
         assert list(f[config.detector_name]["image_id"][:]) == list(range(1, n + 1))
+
+
+def test_file_is_swmr_readable_while_written(harness, tmp_path):
+    h = harness()
+    out = str(tmp_path / "live.h5")
+    info = RunInfo(out, 20)
+    for i in range(5):
+        h.send(h.put(300 + i), 6, i, 20, info if i == 0 else None)
+    seen = 0
+    while seen < 5:
+        seen += sum(e["event"] == "image" for e in h.events(until="image"))
+    time.sleep(1.0)  # the writer flushes for SWMR readers when idle for 0.5 s
+    script = f"""
+import json, h5py, hdf5plugin
+with h5py.File({out!r}, "r", swmr=True) as f:
+    g = f[{h.name!r}]
+    print(json.dumps([g["data"].shape[0], [int(i) for i in g["image_id"]],
+                      int(g["data"][4].max())]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows, ids, pixel_max = json.loads(result.stdout)
+    assert rows == 5 and ids == list(range(300, 305))
+    assert pixel_max == int(h.expected(304, h.images.shape, h.images.dtype).max())
+    for i in range(5, 20):
+        h.send(h.put(300 + i), 6, i, 20)
+    assert h.events()[-1]["n_written"] == 20
+    check_in_fresh_process(out, h.name, list(range(300, 320)), [0] * 20)

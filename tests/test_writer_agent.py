@@ -1,0 +1,196 @@
+"""WriterAgent request handling against a real stddaq-h5-writer process.
+
+The test plays the assembler (an ImageBuffer and its ImageMetadata PUB socket); the
+broker side is tested in test_services_broker.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+import zmq
+
+from fastcore.buffers import ImageBuffer, shm_name
+from fastcore.config import load_config
+from fastcore.formats import IMAGE_METADATA, dtype_code
+from fastcore.process import ipc_address
+from services.writer_agent import (
+    BusyError,
+    RequestError,
+    WriterAgent,
+    WriterError,
+    validate_write_request,
+)
+from tests.conftest import Proc, module_cmd
+
+
+class FakeAssembler:
+    """Produces images (every pixel = id) and publishes their ImageMetadata."""
+
+    def __init__(self, config, ipc_dir, n_slots=32):
+        self.images = ImageBuffer.create(shm_name(config.detector_name, "image"), n_slots,
+                                         config.image_shape, config.image_dtype)
+        self.pub = zmq.Context.instance().socket(zmq.PUB)
+        self.pub.bind(ipc_address(ipc_dir, config.detector_name, "image"))
+
+    def emit(self, image_id: int) -> None:
+        self.images.begin_write(image_id)[:] = image_id % 60000
+        meta = np.zeros((), IMAGE_METADATA)
+        meta["id"], meta["height"], meta["width"] = image_id, *self.images.shape
+        meta["dtype"] = dtype_code(self.images.dtype)
+        self.images.commit(meta)
+        self.pub.send(meta.tobytes())
+
+    def close(self) -> None:
+        self.pub.close(0)
+        self.images.close()
+
+
+@pytest.fixture
+def setup(make_config, ipc_dir, tmp_path):
+    path, _ = make_config("jungfrau_1m.json", output_root=str(tmp_path))
+    config = load_config(path)
+    assembler = FakeAssembler(config, ipc_dir)
+    writer = Proc(module_cmd("fastcore.h5_writer", str(path), "--ipc-dir", ipc_dir),
+                  tmp_path / "writer.log")
+    writer.wait_for("ready")
+    progress = []
+    agent = WriterAgent(config, ipc_dir, image_timeout_s=3, writer_timeout_s=3,
+                        progress=progress.append)
+    yield config, assembler, agent, progress
+    assembler.close()
+    assert writer.stop() == 0
+
+
+def run_in_thread(agent, request_id, request):
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = agent.on_request(request_id, request)
+        except Exception as exc:  # the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    time.sleep(0.4)  # the agent subscribes before images come
+    return thread, outcome
+
+
+def test_request_writes_the_next_n_images(setup, tmp_path):
+    config, assembler, agent, progress = setup
+    assembler.emit(1)  # before the request: not part of it
+    out = str(tmp_path / "run.h5")
+    thread, outcome = run_in_thread(agent, "r1", {"output_file": out, "n_images": 5,
+                                                  "metadata": {"sample": "Si"}})
+    for image_id in range(10, 18):
+        assembler.emit(image_id)
+        time.sleep(0.02)
+    thread.join(15)
+    result = outcome["result"]
+    assert result["output_file"] == out and result["n_images"] == 5
+    assert result["n_missing"] == 0 and result["killed"] is False
+    assert [p["n_sent"] for p in progress] == [1, 2, 3, 4, 5]
+    with h5py.File(out, "r") as f:
+        assert list(f[config.detector_name]["image_id"]) == [10, 11, 12, 13, 14]
+        assert f[config.detector_name]["data"][3].max() == 13
+    assert agent.counters["succeeded"] == 1 and agent.counters["images_written"] == 5
+
+
+def test_start_image_id_takes_buffered_images_first(setup, tmp_path):
+    config, assembler, agent, _ = setup
+    for image_id in range(20, 25):
+        assembler.emit(image_id)
+    out = str(tmp_path / "range.h5")
+    thread, outcome = run_in_thread(agent, "r2", {"output_file": out, "n_images": 6,
+                                                  "start_image_id": 22})
+    for image_id in range(25, 30):
+        assembler.emit(image_id)
+    thread.join(15)
+    assert outcome["result"]["n_images"] == 6
+    with h5py.File(out, "r") as f:
+        assert list(f[config.detector_name]["image_id"]) == [22, 23, 24, 25, 26, 27]
+
+
+def test_kill_ends_the_run_with_a_valid_shorter_file(setup, tmp_path):
+    config, assembler, agent, _ = setup
+    out = str(tmp_path / "killed.h5")
+    thread, outcome = run_in_thread(agent, "r3", {"output_file": out, "n_images": 100})
+    for image_id in range(1, 4):
+        assembler.emit(image_id)
+        time.sleep(0.02)
+    time.sleep(0.2)
+    agent.on_kill("another-request")  # not ours: ignored
+    assembler.emit(4)
+    time.sleep(0.2)
+    agent.on_kill("r3")
+    thread.join(15)
+    result = outcome["result"]
+    assert result["killed"] is True and result["n_images"] == 4
+    with h5py.File(out, "r") as f:
+        assert f[config.detector_name]["data"].shape[0] == 4
+
+
+def test_second_request_while_busy_is_refused(setup, tmp_path):
+    _, assembler, agent, _ = setup
+    thread, outcome = run_in_thread(agent, "r4", {"output_file": str(tmp_path / "a.h5"),
+                                                  "n_images": 2})
+    with pytest.raises(BusyError, match=r"busy writing request r4 to .*a\.h5"):
+        agent.on_request("r5", {"output_file": str(tmp_path / "b.h5"), "n_images": 1})
+    assembler.emit(1)
+    assembler.emit(2)
+    thread.join(15)
+    assert outcome["result"]["n_images"] == 2
+
+
+def test_writer_error_fails_the_request_with_its_message(setup, tmp_path):
+    _, assembler, agent, _ = setup
+    missing_dir = tmp_path / "nope"
+    thread, outcome = run_in_thread(agent, "r6", {"output_file": str(missing_dir / "x.h5"),
+                                                  "n_images": 3})
+    assembler.emit(1)
+    thread.join(15)
+    assert isinstance(outcome["error"], WriterError)
+    assert f"directory {missing_dir} does not exist" in str(outcome["error"])
+
+
+def test_no_images_times_out_clearly(setup, tmp_path):
+    config, _, agent, _ = setup
+    thread, outcome = run_in_thread(agent, "r7", {"output_file": str(tmp_path / "t.h5"),
+                                                  "n_images": 3})
+    thread.join(15)
+    assert f"no image from detector {config.detector_name} for 3 s" in str(outcome["error"])
+
+
+@pytest.mark.parametrize("request_, message", [
+    ([], "request: expected a JSON object"),
+    ({"n_images": 1}, "output_file: missing"),
+    ({"output_file": "rel/x.h5", "n_images": 1}, "output_file: expected an absolute"),
+    ({"output_file": "/data/../etc/x.h5", "n_images": 1}, "'..' is not allowed"),
+    ({"output_file": "/elsewhere/x.h5", "n_images": 1}, "is outside the output root"),
+    ({"output_file": "{root}/x.h5"}, "n_images: missing"),
+    ({"output_file": "{root}/x.h5", "n_images": "ten"}, "n_images: expected an integer >= 1"),
+    ({"output_file": "{root}/x.h5", "n_images": 0}, "n_images: expected an integer >= 1"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "user_id": "e1"}, "user_id: expected"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "metadata": [1]}, "metadata: expected"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "compression": "zip"}, "compression:"),
+])
+def test_bad_requests_name_the_field(request_, message, make_config, tmp_path):
+    path, _ = make_config("jungfrau_1m.json", output_root=str(tmp_path))
+    config = load_config(path)
+    if isinstance(request_, dict) and "output_file" in request_:
+        request_ = dict(request_, output_file=request_["output_file"].format(root=tmp_path))
+    with pytest.raises(RequestError, match=message.replace("(", r"\(")):
+        validate_write_request(request_, config)
+
+
+def test_fields_of_other_services_are_ignored(make_config, tmp_path):
+    path, _ = make_config("jungfrau_1m.json")
+    request = validate_write_request({"output_file": "/data/x.h5", "n_images": 3,
+                                      "channels": ["X:PV"], "start_pulse_id": 5},
+                                     load_config(path))
+    assert (request.output_file, request.n_images) == ("/data/x.h5", 3)

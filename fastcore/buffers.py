@@ -163,6 +163,12 @@ def _read_creator_pid(path: str) -> int | None:
     return int(header["creator_pid"]) if bytes(header["magic"]) == SHM_MAGIC else None
 
 
+def segment_alive(name: str) -> bool:
+    """True when the segment exists and the process that created it is still running."""
+    pid = _read_creator_pid(os.path.join(SHM_DIR, name))
+    return pid is not None and _pid_alive(pid)
+
+
 class _SlotRing:
     """Common part of both buffers: ``n_slots`` slots of ``slot_bytes`` after the header."""
 

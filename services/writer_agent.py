@@ -161,6 +161,7 @@ class _Run:
         self.writer_events: list[dict] = []
         self.stop_event: dict | None = None
         self.first_sent_at = 0.0
+        self.n_written = self.n_missing = 0
 
     def execute(self) -> dict:
         agent, name = self.agent, self.agent.config.detector_name
@@ -196,8 +197,14 @@ class _Run:
                                           self.info if first else None))
         self.sent += 1
         self.next_id = int(meta["id"]) + 1
+        self._report()
+
+    def _report(self, done: bool = False) -> None:
         self.agent.progress({"request_id": self.request_id, "run_id": self.run_id,
-                             "n_sent": self.sent, "n_images": self.write.n_images})
+                             "output_file": self.write.output_file,
+                             "n_images": self.write.n_images, "n_sent": self.sent,
+                             "n_written": self.n_written, "n_missing": self.n_missing,
+                             "done": done})
 
     def _forward(self, images_sub: zmq.Socket, status_sub: zmq.Socket,
                  push: zmq.Socket) -> None:
@@ -243,6 +250,9 @@ class _Run:
             if event.get("run_id") != self.run_id:
                 continue
             self.writer_events.append(event)
+            if event["event"] in ("image", "stop"):
+                self.n_written, self.n_missing = event["n_written"], event["n_missing"]
+                self._report(done=event["event"] == "stop")
             if event["event"] == "error":
                 raise WriterError(f"h5 writer: {event['message']}")
             if event["event"] == "stop":

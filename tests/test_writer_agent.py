@@ -94,7 +94,11 @@ def test_request_writes_the_next_n_images(setup, tmp_path):
     result = outcome["result"]
     assert result["output_file"] == out and result["n_images"] == 5
     assert result["n_missing"] == 0 and result["killed"] is False
-    assert [p["n_sent"] for p in progress] == [1, 2, 3, 4, 5]
+    assert [p["n_sent"] for p in progress if p["n_written"] == 0][:1] == [1]
+    assert progress[-1] | {"request_id": "r1", "n_written": 5, "done": True} == progress[-1]
+    assert progress[-1]["output_file"] == out and progress[-1]["n_images"] == 5
+    written = [p["n_written"] for p in progress]
+    assert written == sorted(written) and set(range(1, 6)) <= set(written)
     with h5py.File(out, "r") as f:
         assert list(f[config.detector_name]["image_id"]) == [10, 11, 12, 13, 14]
         assert f[config.detector_name]["data"][3].max() == 13

@@ -1,0 +1,101 @@
+"""Live progress of a write request over Redis pub/sub, for clients on any machine.
+
+The writer agent publishes JSON ``{"request_id", "run_id", "output_file", "n_images",
+"n_sent", "n_written", "n_missing", "done"}`` on the channel
+``stddaq.progress.<service_name>``: at most ``max_rate_hz`` times per second while a run
+goes on, and always its final state. The IOC and the Ophyd device follow it to report
+NumCaptured and to finish ``trigger()`` statuses. Redis being down only loses progress
+messages, never the write itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+def progress_channel(service_name: str) -> str:
+    return f"stddaq.progress.{service_name}"
+
+
+class ProgressPublisher:
+    """Rate-limited publisher; ``publish(progress)`` is safe to call per image."""
+
+    def __init__(self, client: redis.Redis | None, service_name: str, max_rate_hz: float = 20):
+        self.client = client
+        self.channel = progress_channel(service_name)
+        self.min_interval = 1.0 / max_rate_hz
+        self._last = 0.0
+        self._warned = False
+
+    def publish(self, progress: dict) -> None:
+        now = time.monotonic()
+        if not progress.get("done") and now - self._last < self.min_interval:
+            return
+        self._last = now
+        if self.client is None:
+            return
+        try:
+            self.client.publish(self.channel, json.dumps(progress))
+            self._warned = False
+        except redis.RedisError as exc:
+            if not self._warned:
+                log.warning("cannot publish progress on %s: %s", self.channel, exc)
+                self._warned = True
+
+
+class ProgressFollower:
+    """Calls ``on_progress(dict)`` for every progress message of a writer agent, from a
+    background thread; reconnects to Redis after an outage."""
+
+    def __init__(self, client: redis.Redis, service_name: str,
+                 on_progress: Callable[[dict], None]):
+        self.client = client
+        self.channel = progress_channel(service_name)
+        self.on_progress = on_progress
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-follower",
+                                        daemon=True)
+
+    def start(self, timeout: float = 5.0) -> ProgressFollower:
+        """Start following; waits until subscribed (or ``timeout``)."""
+        self._thread.start()
+        self._ready.wait(timeout)
+        return self
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                self._ready.set()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.2)
+                    if message and message["type"] == "message":
+                        try:
+                            self.on_progress(json.loads(message["data"]))
+                        except ValueError:
+                            log.warning("bad progress message on %s", self.channel)
+            except redis.RedisError as exc:
+                self._ready.clear()
+                log.warning("progress of %s unavailable (%s): retrying", self.channel, exc)
+                self._stop.wait(1.0)
+            finally:
+                pubsub.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)

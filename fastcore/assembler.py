@@ -18,10 +18,11 @@ import zmq
 
 from fastcore.buffers import FrameBuffer, ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.conversion import convert_jungfrau, load_calibration
+from fastcore.conversion import load_calibration
 from fastcore.detectors import ModuleFormat, module_format
 from fastcore.formats import IMAGE_METADATA, RAW_METADATA, Encoding, ImageStatus, dtype_code
-from fastcore.geometry import module_blocks
+from fastcore.geometry import module_blocks, row_plan
+from fastcore.kernels import convert_rows, place_rows
 from fastcore.pixels import unpack_4bit, unpack_12bit
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
@@ -36,6 +37,7 @@ class ImageAssembler:
         self.fmt: ModuleFormat = module_format(config.detector_type, config.bit_depth,
                                                config.image_shape)
         self.blocks = [module_blocks(config, m) for m in range(config.n_modules)]
+        self.plans = [row_plan(blocks, config.image_shape) for blocks in self.blocks]
         self.calibration = calibration
         self._scratch = np.empty(self.fmt.module_shape, np.uint8) if (
             config.detector_type == "eiger" and config.bit_depth == 4) else None
@@ -67,12 +69,10 @@ class ImageAssembler:
             unpack_12bit(self._packed_rows(frame), image[dest])
             return
         pixels = self.module_pixels(frame)
-        for source, dest in self.blocks[module]:
-            if self.calibration is not None:
-                calibration = self.calibration[module][:, source[0], source[1]]
-                convert_jungfrau(pixels[source], calibration, image[dest])
-            else:
-                np.copyto(image[dest], pixels[source])
+        if self.calibration is not None:
+            convert_rows(pixels, self.calibration[module], image, self.plans[module])
+        else:
+            place_rows(pixels, image, self.plans[module])
 
     def clear_module(self, module: int, image: np.ndarray) -> None:
         for _, dest in self.blocks[module]:

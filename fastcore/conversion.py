@@ -1,10 +1,10 @@
-"""Jungfrau pedestal/gain conversion: raw uint16 (gain bits 14-15, ADC bits 0-13) -> float32.
+"""Jungfrau pedestal/gain calibration: raw uint16 (gain bits 14-15, ADC bits 0-13) -> float32.
 
 ``value = (adc - pedestal[stage]) / gain[stage]`` with stage 0, 1, 2 for gain bits 00, 01,
 11 (the invalid 10 is treated as stage 2, as PSI's jungfrau_utils does). The calibration is
 held per module as (3, 512, 1024, 2) float32 = (pedestal, 1/gain) side by side, so a pixel
-in stage 0 touches 8 contiguous calibration bytes. The kernel is a numba loop over rows in
-parallel: one pass over memory, which bounds this work.
+in stage 0 touches 8 contiguous calibration bytes. The conversion itself is the numba
+kernel ``kernels.convert_rows``; ``convert_reference`` is the plain numpy version.
 """
 
 from __future__ import annotations
@@ -12,25 +12,12 @@ from __future__ import annotations
 import os
 
 import h5py
-import numba
 import numpy as np
 
 from fastcore.config import ConfigError, DetectorConfig
 from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
 
 _STAGE = np.array([0, 1, 2, 2], np.int64)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def convert_jungfrau(raw, calibration, out):  # pragma: no cover - compiled
-    """out[i, j] = (raw & 0x3fff - ped[stage]) * inv_gain[stage]; 2-D arrays of one block."""
-    rows, cols = raw.shape
-    for i in numba.prange(rows):
-        for j in range(cols):
-            value = raw[i, j]
-            stage = _STAGE[value >> 14]
-            adc = np.float32(value & 0x3FFF)
-            out[i, j] = (adc - calibration[stage, i, j, 0]) * calibration[stage, i, j, 1]
 
 
 def _load_array(path: str, field: str) -> np.ndarray:

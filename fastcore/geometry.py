@@ -8,6 +8,8 @@ handful of ``np.copyto`` calls on views.
 
 from __future__ import annotations
 
+import numpy as np
+
 from fastcore.config import DetectorConfig
 from fastcore.detectors import CHIP_GAP, gigafrost_quadrant, module_format
 
@@ -54,3 +56,46 @@ def module_blocks(config: DetectorConfig, module_id: int) -> list[Block]:
                     _span(sx, ex, cx * (chip_w + gap), chip_w))
             blocks.append((source, dest))
     return blocks
+
+
+ROW_PLAN_FIELDS = ("src_row", "src_col", "dst_row", "dst_col", "n_cols", "dst_col_step",
+                   "n_pieces", "dst_pitch")
+"""A plan line copies ``n_pieces`` pieces of ``n_cols`` pixels: piece ``i`` is source row
+``src_row``, columns ``src_col + i*n_cols`` on, to destination row ``dst_row`` starting at
+column ``dst_col + i*dst_pitch`` and running with ``dst_col_step`` (+1, or -1 when the
+module is mirrored). The chips of one module row with their gaps make one line."""
+
+
+def row_plan(blocks: list[Block], image_shape: tuple[int, int]) -> np.ndarray:
+    """The blocks as plan lines for the numba kernels: int64 (n, 8) of ROW_PLAN_FIELDS."""
+    segments: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
+    for (src_rows, src_cols), (dst_rows, dst_cols) in blocks:
+        s_rows = range(*src_rows.indices(10**9))
+        d_rows = range(*dst_rows.indices(image_shape[0]))
+        d_cols = range(*dst_cols.indices(image_shape[1]))
+        s_cols = range(*src_cols.indices(10**9))
+        if len(s_rows) != len(d_rows) or len(s_cols) != len(d_cols) or s_cols.step != 1 \
+                or abs(d_cols.step) != 1:
+            raise ValueError(f"block {src_rows, src_cols} -> {dst_rows, dst_cols}: sizes "
+                             "differ or columns are not contiguous")
+        for s_row, d_row in zip(s_rows, d_rows, strict=True):
+            key = (s_row, d_row, len(s_cols), d_cols.step)
+            segments.setdefault(key, []).append((s_cols.start, d_cols.start))
+    lines = []
+    for (s_row, d_row, n, step), pieces in segments.items():
+        pieces.sort()
+        run = [pieces[0]]
+        for piece in pieces[1:]:
+            pitch = run[1][1] - run[0][1] if len(run) > 1 else piece[1] - run[-1][1]
+            if piece[0] == run[-1][0] + n and piece[1] - run[-1][1] == pitch:
+                run.append(piece)
+                continue
+            lines.append(_line(s_row, d_row, n, step, run))
+            run = [piece]
+        lines.append(_line(s_row, d_row, n, step, run))
+    return np.array(lines, np.int64).reshape(-1, len(ROW_PLAN_FIELDS))
+
+
+def _line(s_row: int, d_row: int, n: int, step: int, run: list[tuple[int, int]]) -> tuple:
+    pitch = run[1][1] - run[0][1] if len(run) > 1 else 0
+    return (s_row, run[0][0], d_row, run[0][1], n, step, len(run), pitch)

@@ -1,7 +1,7 @@
 """WriterAgent request handling against a real stddaq-h5-writer process.
 
 The test plays the assembler (an ImageBuffer and its ImageMetadata PUB socket); the
-broker side is tested in test_services_broker.py.
+broker side is tested in test_writer_agent_service.py.
 """
 
 from __future__ import annotations

@@ -26,22 +26,41 @@ def progress_channel(service_name: str) -> str:
 
 
 class ProgressPublisher:
-    """Rate-limited publisher; ``publish(progress)`` is safe to call per image."""
+    """Rate-limited publisher. ``publish(progress)`` never blocks (it is called per image on
+    the data path): a background thread sends the newest state at most ``max_rate_hz`` times
+    per second and a final (``done``) state at once, so the last state of a burst always goes
+    out and a slow or absent Redis never stalls a write."""
 
     def __init__(self, client: redis.Redis | None, service_name: str, max_rate_hz: float = 20):
         self.client = client
         self.channel = progress_channel(service_name)
         self.min_interval = 1.0 / max_rate_hz
-        self._last = 0.0
+        self._pending: dict | None = None
+        self._wake = threading.Condition()
         self._warned = False
+        if client is not None:
+            threading.Thread(target=self._run, name="progress-publisher", daemon=True).start()
 
     def publish(self, progress: dict) -> None:
-        now = time.monotonic()
-        if not progress.get("done") and now - self._last < self.min_interval:
-            return
-        self._last = now
-        if self.client is None:
-            return
+        with self._wake:
+            self._pending = progress
+            self._wake.notify()
+
+    def _run(self) -> None:
+        last = 0.0
+        while True:
+            with self._wake:
+                while self._pending is None:
+                    self._wake.wait()
+                wait = last + self.min_interval - time.monotonic()
+                if wait > 0 and not self._pending.get("done"):
+                    self._wake.wait(wait)  # a done state arriving meanwhile goes at once
+                    continue
+                progress, self._pending = self._pending, None
+            last = time.monotonic()
+            self._send(progress)
+
+    def _send(self, progress: dict) -> None:
         try:
             self.client.publish(self.channel, json.dumps(progress))
             self._warned = False

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,10 @@ class SetupError(RuntimeError):
 
 
 def redis_client(host: str, port: int) -> redis.Redis:
-    return redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=2)
+    """A client that fails fast when Redis is away (one immediate retry, for a connection
+    broken by a Redis restart) instead of redis-py's retries with back-off."""
+    return redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=2,
+                       retry=Retry(NoBackoff(), 1))
 
 
 def load_service_config(path: str, service_name: str, client: redis.Redis | None) -> dict:

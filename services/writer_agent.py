@@ -14,9 +14,12 @@ ignored.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,10 +30,13 @@ import numpy as np
 import zmq
 
 from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
-from fastcore.config import DetectorConfig
+from fastcore.config import ConfigError, DetectorConfig, parse_config
 from fastcore.formats import IMAGE_METADATA
-from fastcore.process import ipc_address, subscribe
+from fastcore.process import DEFAULT_IPC_DIR, ipc_address, subscribe
 from fastcore.writer_protocol import COMPRESSIONS, RunInfo, image_message, stop_message
+from services.broker.primary import PrimaryService
+from services.progress import ProgressPublisher
+from services.startup import SetupError, StatusHeartbeat, redis_client, service_setup
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,7 @@ class WriterAgent:
         self._busy = threading.Lock()
         self._current: tuple[str, str] | None = None  # (request_id, output_file)
         self._kill = threading.Event()
+        self._prepared: _Run | None = None
         self.counters = {"requests": 0, "succeeded": 0, "failed": 0, "images_written": 0,
                          "images_missing": 0}
 
@@ -120,7 +127,14 @@ class WriterAgent:
     def busy(self) -> bool:
         return self._current is not None
 
-    def on_request(self, request_id: str, request: Any) -> dict:
+    def validate(self, request: Any) -> None:
+        """Refuse a bad request before it starts (the broker service calls this first)."""
+        validate_write_request(request, self.config)
+
+    def prepare(self, request_id: str, request: Any) -> None:
+        """Claim the detector and subscribe to its streams before the request is announced
+        as started (the broker service calls this first), so no image after the start is
+        missed."""
         write = validate_write_request(request, self.config)
         if not self._busy.acquire(blocking=False):
             current_id, current_file = self._current or ("?", "?")
@@ -128,13 +142,26 @@ class WriterAgent:
                             f"{current_id} to {current_file}; wait for it or kill it")
         self._current = (request_id, write.output_file)
         self._kill.clear()
+        try:
+            self._prepared = _Run(self, request_id, write)
+        except BaseException:
+            self._current = None
+            self._busy.release()
+            raise
+
+    def on_request(self, request_id: str, request: Any) -> dict:
+        prepared = self._prepared
+        if prepared is None or prepared.request_id != request_id:
+            self.prepare(request_id, request)
+        run, self._prepared = self._prepared, None
         self.counters["requests"] += 1
         try:
-            result = _Run(self, request_id, write).execute()
+            result = run.execute()
         except Exception:
             self.counters["failed"] += 1
             raise
         finally:
+            run.close()
             self._current = None
             self._busy.release()
         self.counters["succeeded"] += 1
@@ -162,27 +189,27 @@ class _Run:
         self.stop_event: dict | None = None
         self.first_sent_at = 0.0
         self.n_written = self.n_missing = 0
+        name = agent.config.detector_name
+        ctx = zmq.Context.instance()
+        self.images_sub = subscribe(ctx, ipc_address(agent.ipc_dir, name, "image"))
+        self.status_sub = subscribe(ctx, ipc_address(agent.ipc_dir, name, "writer-status"))
+        self.push = ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 1000)
+        self.push.connect(ipc_address(agent.ipc_dir, name, "writer"))
+        time.sleep(0.2)  # let both subscriptions reach their publishers
+
+    def close(self) -> None:
+        self.images_sub.close(0)
+        self.status_sub.close(0)
+        self.push.close()
 
     def execute(self) -> dict:
-        agent, name = self.agent, self.agent.config.detector_name
-        ctx = zmq.Context.instance()
-        images_sub = subscribe(ctx, ipc_address(agent.ipc_dir, name, "image"))
-        status_sub = subscribe(ctx, ipc_address(agent.ipc_dir, name, "writer-status"))
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(ipc_address(agent.ipc_dir, name, "writer"))
-        try:
-            time.sleep(0.2)  # let both subscriptions reach their publishers
-            self._forward(images_sub, status_sub, push)
-            killed = agent._kill.is_set()
-            if self.sent and self.sent < self.write.n_images:
-                push.send_multipart(stop_message(self.run_id))
-            if self.sent:
-                self._await_writer_stop(status_sub)
-        finally:
-            images_sub.close(0)
-            status_sub.close(0)
-            push.close()
+        self._forward(self.images_sub, self.status_sub, self.push)
+        killed = self.agent._kill.is_set()
+        if self.sent and self.sent < self.write.n_images:
+            self.push.send_multipart(stop_message(self.run_id))
+        if self.sent:
+            self._await_writer_stop(self.status_sub)
         stop = self.stop_event or {"n_written": 0, "n_missing": 0, "missing_image_ids": []}
         return {"output_file": self.write.output_file, "run_id": self.run_id,
                 "n_images": stop["n_written"], "n_requested": self.write.n_images,
@@ -274,3 +301,55 @@ class _Run:
     def _no_answer(self) -> str:
         return (f"h5 writer for {self.agent.config.detector_name} did not answer within "
                 f"{self.agent.writer_timeout_s:g} s: is stddaq-h5-writer running?")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """stddaq-writer-agent: the detector writer's primary broker service."""
+    parser = argparse.ArgumentParser(
+        prog="stddaq-writer-agent",
+        description="Serve write requests for one detector: forward the requested images to "
+        "stddaq-h5-writer and report start/success/fail on the broker. The service config "
+        "(--json_config_file or Redis config.<service_name>) is the detector config.")
+    parser.add_argument("--tag", default=None,
+                        help="routing key of the requests to serve (default: the service name)")
+    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    parser.add_argument("--image-timeout", type=float, default=60.0,
+                        help="fail a request when no image arrives for this long (s)")
+    try:
+        name, raw_config, args = service_setup(parser, argv)
+        config = parse_config(raw_config, source=args.json_config_file)
+    except (SetupError, ConfigError) as exc:
+        print(f"stddaq-writer-agent: error: {exc}", file=sys.stderr)
+        return 1
+    client = None if args.redis_skip else redis_client(args.redis_host, args.redis_port)
+    progress = ProgressPublisher(client, name)
+    agent = WriterAgent(config, args.ipc_dir, image_timeout_s=args.image_timeout,
+                        progress=progress.publish)
+    service = PrimaryService(name, agent, broker_host=args.broker_url, tag=args.tag,
+                             refuse_when_busy=True)
+    heartbeat = StatusHeartbeat(name, raw_config, client, lambda: dict(
+        agent.counters, busy=agent.busy, broker_connected=service.connected))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    heartbeat.start()
+    service.start()
+    try:
+        service.wait_ready(10.0)
+    except TimeoutError as exc:
+        log.warning("broker not reachable yet (%s): requests are served once it is", exc)
+    heartbeat.set_state("running")
+    log.info("ready: %s serving write requests for %s (tag %s)", name, config.detector_name,
+             service.tag)
+    try:
+        while not stop.wait(1.0):
+            heartbeat.set_state("writing" if agent.busy else (
+                "running" if service.connected else "broker unreachable"))
+    finally:
+        service.stop(timeout=10.0, kill_running=True)
+        heartbeat.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -64,3 +64,21 @@ def test_follower_recovers_after_a_redis_outage():
             follower.stop()
     assert [p["n_written"] for p in received][:1] == [1]
     assert received[-1]["n_written"] == 2, "no progress after Redis came back"
+
+
+def test_the_last_update_of_a_burst_is_sent_after_the_interval():
+    client = redis.Redis("127.0.0.1", 6379)
+    name = f"test.{uuid.uuid4().hex[:8]}"
+    received = []
+    follower = ProgressFollower(client, name, received.append).start()
+    try:
+        publisher = ProgressPublisher(client, name, max_rate_hz=5)
+        for n in range(1, 5):  # a burst well inside one interval
+            publisher.publish({"n_written": n, "done": False})
+        deadline = time.monotonic() + 3
+        while (not received or received[-1]["n_written"] != 4) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        follower.stop()
+    counts = [p["n_written"] for p in received]
+    assert counts[-1] == 4 and len(counts) <= 2 and counts == sorted(counts)

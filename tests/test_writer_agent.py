@@ -77,7 +77,7 @@ def run_in_thread(agent, request_id, request):
 
     thread = threading.Thread(target=target)
     thread.start()
-    time.sleep(0.4)  # the agent subscribes before images come
+    time.sleep(0.4)  # on_request subscribes (prepare) before images come
     return thread, outcome
 
 

@@ -6,7 +6,8 @@ worker thread, publishes ``request_success`` (message = the result) or ``request
 (message = the error), and only then acks (success) or rejects without requeue (failure).
 Kills arrive on a per-instance exclusive queue and go to ``handler.on_kill(request_id)`` in
 a kill thread, so they reach a running ``on_request``; every kill is passed on, the handler
-decides whether it concerns its request.
+decides whether it concerns its request. With ``refuse_when_busy`` (prefetch 2) a request
+arriving while another runs gets ``request_fail`` "busy: ..." at once instead of waiting.
 
 When the connection drops, the running request keeps running; its final status is published
 after reconnecting. RabbitMQ requeues the unacknowledged delivery and delivers it again:
@@ -58,6 +59,11 @@ class Handler(Protocol):
         """Stop ``request_id`` if it is the running request (may be any id, also one that
         has not started yet); must not block for long."""
 
+    # Optional: ``validate(request)`` raising ValueError refuses a request before it starts
+    # (request_fail with the message, no request_start). ``prepare(request_id, request)``
+    # runs in the request's thread before ``request_start`` is published: what must be
+    # ready when the user hears "started" (e.g. subscriptions) goes there.
+
 
 @dataclass
 class Delivery:
@@ -92,7 +98,7 @@ class RequestService:
     def __init__(self, service_name: str, handler: Handler, broker_host: str = "127.0.0.1",
                  tag: str | None = None, *, port: int = 5672,
                  connection_name: str | None = None, min_backoff: float = 0.25,
-                 max_backoff: float = 5.0):
+                 max_backoff: float = 5.0, refuse_when_busy: bool = False):
         if not service_name:
             raise ValueError("service_name must not be empty")
         self.service_name = service_name
@@ -102,11 +108,12 @@ class RequestService:
             f"stddaq {self.role} {service_name} {uuid.uuid4().hex[:8]}")
         self._conn = BrokerConnection(
             broker_host, port, name=self.connection_name, setup=self._setup,
-            on_disconnect=self._on_disconnect, prefetch=1,
+            on_disconnect=self._on_disconnect, prefetch=2 if refuse_when_busy else 1,
             min_backoff=min_backoff, max_backoff=max_backoff)
         self._lock = threading.Lock()
         self._running: _Running | None = None
         self._waiting: deque[Delivery] = deque()
+        self.refuse_when_busy = refuse_when_busy
         self._finished: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
         self._consumer_tags: list[str] = []
@@ -252,6 +259,9 @@ class RequestService:
                              self.service_name, request_id)
                     self.counters["redelivered"] += 1
                     self._running.delivery = delivery
+                elif self.refuse_when_busy and not delivery.redelivered:
+                    self._refuse(delivery, f"busy: {self.service_name} is running request "
+                                 f"{self._running.request_id}; wait for it to end or kill it")
                 else:
                     self._waiting.append(delivery)
                 return
@@ -260,13 +270,15 @@ class RequestService:
                 return
             try:
                 request = decode_request(delivery.body)
-            except BadRequestError as exc:
+                validate = getattr(self.handler, "validate", None)
+                if validate is not None:
+                    validate(request)
+            except (BadRequestError, ValueError) as exc:
                 self._refuse(delivery, str(exc))
                 return
             running = _Running(request_id, delivery.body, delivery)
             self._running = running
             self.counters["requests"] += 1
-            self._publish_status(request_id, delivery.body, ACTION_REQUEST_START, None)
             running.thread = threading.Thread(
                 target=self._work, args=(running, request), daemon=True,
                 name=f"{self.service_name} request {request_id[:8]}")
@@ -285,6 +297,10 @@ class RequestService:
     def _work(self, running: _Running, request: dict[str, Any]) -> None:
         running.entered.set()
         try:
+            prepare = getattr(self.handler, "prepare", None)
+            if prepare is not None:
+                prepare(running.request_id, request)
+            self._publish_status(running.request_id, running.body, ACTION_REQUEST_START, None)
             result = self.handler.on_request(running.request_id, request)
         except Exception as exc:
             log.warning("%s: request %s failed: %s", self.service_name, running.request_id,

@@ -100,9 +100,10 @@ class DaqClient:
     """Write requests to one writer agent (``writer_service``) and their progress."""
 
     def __init__(self, writer_service: str, broker_host: str = "127.0.0.1",
-                 redis_client: redis.Redis | None = None):
+                 redis_client: redis.Redis | None = None, broker_port: int = 5672):
         self.writer_service = writer_service
         self.broker_host = broker_host
+        self.broker_port = broker_port
         self.redis_client = redis_client
         self._broker: BrokerClient | None = None
         self._progress: ProgressFollower | None = None
@@ -114,7 +115,8 @@ class DaqClient:
         with self._lock:
             if self._broker is not None:
                 return
-            self._broker = BrokerClient(self.broker_host, status_callback=self._on_status,
+            self._broker = BrokerClient(self.broker_host, self.broker_port,
+                                        status_callback=self._on_status,
                                         connection_name=f"stddaq daq-client "
                                         f"{self.writer_service}")
             if self.redis_client is not None:

@@ -88,6 +88,9 @@ def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest
         root = os.path.abspath(config.output_root)
         if os.path.commonpath([root, os.path.normpath(path)]) != root:
             raise RequestError(f"output_file: {path!r} is outside the output root {root}")
+    directory = os.path.dirname(os.path.normpath(path))
+    if not os.path.isdir(directory):
+        raise RequestError(f"output_file: directory {directory} does not exist")
     if "n_images" not in request:
         raise RequestError("n_images: missing (expected an integer >= 1)")
     n_images = _int(request, "n_images", 1)

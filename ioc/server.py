@@ -1,0 +1,110 @@
+"""stddaq-ioc: a caproto IOC for one std-daq detector.
+
+Record groups (PV = prefix + group + name): ``BUF:`` detector buffer (ioc.buffer),
+``WRT:`` file writer (ioc.writer), ``EPB:`` Epics buffer (ioc.epics_buffer). The IOC starts
+even when RabbitMQ, Redis or the data plane are down, shows them Disconnected, and
+recovers when they return.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import redis
+from caproto.server import PVGroup, SubGroup, run, template_arg_parser
+
+from fastcore.config import ConfigError, load_config
+from fastcore.process import DEFAULT_IPC_DIR
+from ioc.buffer import BufferGroup
+from ioc.epics_buffer import EpicsBufferGroup
+from ioc.writer import WriterGroup
+from services.daq_client import DaqClient
+from services.startup import redis_client
+
+
+@dataclass(frozen=True)
+class IocSettings:
+    detector_name: str
+    ipc_dir: str
+    writer_service: str
+    epics_buffer_service: str | None
+    broker_host: str
+    broker_port: int
+    redis_host: str
+    redis_port: int
+
+    def redis(self) -> redis.Redis:
+        return redis_client(self.redis_host, self.redis_port)
+
+    def daq_client(self) -> DaqClient:
+        return DaqClient(self.writer_service, self.broker_host, self.redis(),
+                         broker_port=self.broker_port)
+
+
+class StddaqIOC(PVGroup):
+    """All records of one detector."""
+
+    buf = SubGroup(BufferGroup, prefix="BUF:", doc="Detector buffer")
+    wrt = SubGroup(WriterGroup, prefix="WRT:", doc="File writer")
+    epb = SubGroup(EpicsBufferGroup, prefix="EPB:", doc="Epics buffer")
+
+    def __init__(self, *args, settings: IocSettings, **kwargs):
+        self.settings = settings
+        super().__init__(*args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, split_args = template_arg_parser(
+        default_prefix="STDDAQ:", desc="EPICS records (BUF:, WRT:, EPB:) of a std-daq "
+        "detector: buffer state and counters, file writing (areaDetector style), Epics buffer.",
+        supported_async_libs=("asyncio",))
+    parser.add_argument("config", help="detector config JSON")
+    parser.add_argument("--writer-service", default=None,
+                        help="service name of the writer agent (default: <detector>.writer)")
+    parser.add_argument("--epics-buffer-service", default=None,
+                        help="service name of the Epics buffer (default: none)")
+    parser.add_argument("--broker-host", default=os.environ.get("BROKER_HOST", "127.0.0.1"))
+    parser.add_argument("--broker-port", type=int, default=5672)
+    parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
+    parser.add_argument("--redis-port", type=int, default=6379)
+    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    args = parser.parse_args(argv)
+    ioc_options, run_options = split_args(args)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(levelname)s %(asctime)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"stddaq-ioc: error: {exc}", file=sys.stderr)
+        return 1
+    settings = IocSettings(
+        detector_name=config.detector_name, ipc_dir=args.ipc_dir,
+        writer_service=args.writer_service or f"{config.detector_name}.writer",
+        epics_buffer_service=args.epics_buffer_service, broker_host=args.broker_host,
+        broker_port=args.broker_port,
+        redis_host=args.redis_host, redis_port=args.redis_port)
+    ioc = StddaqIOC(settings=settings, **ioc_options)
+
+    async def announce(async_lib) -> None:
+        logging.getLogger(__name__).info("ready: %d PVs with prefix %s", len(ioc.pvdb),
+                                         ioc_options["prefix"])
+
+    def terminate(*_) -> None:
+        raise KeyboardInterrupt  # caproto shuts down cleanly (shutdown hooks) on it
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        run(ioc.pvdb, startup_hook=announce, **run_options)
+    except KeyboardInterrupt:
+        pass
+    logging.getLogger(__name__).info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,7 @@ recovers when they return.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -98,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt  # caproto shuts down cleanly (shutdown hooks) on it
 
     signal.signal(signal.SIGTERM, terminate)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run(ioc.pvdb, startup_hook=announce, **run_options)
-    except KeyboardInterrupt:
-        pass
     logging.getLogger(__name__).info("stopped")
     return 0
 

@@ -190,7 +190,7 @@ class _Run:
         self.next_id = write.start_image_id
         self.writer_events: list[dict] = []
         self.stop_event: dict | None = None
-        self.first_sent_at = 0.0
+        self.first_sent_at = self.last_event_at = 0.0
         self.n_written = self.n_missing = 0
         name = agent.config.detector_name
         ctx = zmq.Context.instance()
@@ -244,8 +244,9 @@ class _Run:
         last_image = time.monotonic()
         while self.sent < n and not agent._kill.is_set():
             self._drain_status(status_sub)
-            if self.sent and not self.writer_events and \
-                    time.monotonic() - self.first_sent_at > agent.writer_timeout_s:
+            behind = self.sent > self.n_written + self.n_missing
+            if behind and time.monotonic() - max(self.first_sent_at, self.last_event_at) > \
+                    agent.writer_timeout_s:
                 raise WriterError(self._no_answer())
             if images_sub.poll(100):
                 meta = np.frombuffer(images_sub.recv(), IMAGE_METADATA)[0]
@@ -280,6 +281,7 @@ class _Run:
             if event.get("run_id") != self.run_id:
                 continue
             self.writer_events.append(event)
+            self.last_event_at = time.monotonic()
             if event["event"] in ("image", "stop"):
                 self.n_written, self.n_missing = event["n_written"], event["n_missing"]
                 self._report(done=event["event"] == "stop")
@@ -318,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
     parser.add_argument("--image-timeout", type=float, default=60.0,
                         help="fail a request when no image arrives for this long (s)")
+    parser.add_argument("--writer-timeout", type=float, default=10.0,
+                        help="fail a request when stddaq-h5-writer does not answer for this "
+                        "long (s)")
     try:
         name, raw_config, args = service_setup(parser, argv)
         config = parse_config(raw_config, source=args.json_config_file)
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     client = None if args.redis_skip else redis_client(args.redis_host, args.redis_port)
     progress = ProgressPublisher(client, name)
     agent = WriterAgent(config, args.ipc_dir, image_timeout_s=args.image_timeout,
-                        progress=progress.publish)
+                        writer_timeout_s=args.writer_timeout, progress=progress.publish)
     service = PrimaryService(name, agent, broker_host=args.broker_url, tag=args.tag,
                              refuse_when_busy=True)
     heartbeat = StatusHeartbeat(name, raw_config, client, lambda: dict(

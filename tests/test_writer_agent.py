@@ -153,13 +153,15 @@ def test_second_request_while_busy_is_refused(setup, tmp_path):
 
 def test_writer_error_fails_the_request_with_its_message(setup, tmp_path):
     _, assembler, agent, _ = setup
-    missing_dir = tmp_path / "nope"
-    thread, outcome = run_in_thread(agent, "r6", {"output_file": str(missing_dir / "x.h5"),
+    existing = tmp_path / "exists.h5"
+    existing.write_bytes(b"precious")
+    thread, outcome = run_in_thread(agent, "r6", {"output_file": str(existing),
                                                   "n_images": 3})
     assembler.emit(1)
     thread.join(15)
     assert isinstance(outcome["error"], WriterError)
-    assert f"directory {missing_dir} does not exist" in str(outcome["error"])
+    assert f"cannot write {existing}: the file exists" in str(outcome["error"])
+    assert existing.read_bytes() == b"precious"
 
 
 def test_no_images_times_out_clearly(setup, tmp_path):
@@ -182,6 +184,7 @@ def test_no_images_times_out_clearly(setup, tmp_path):
     ({"output_file": "{root}/x.h5", "n_images": 1, "user_id": "e1"}, "user_id: expected"),
     ({"output_file": "{root}/x.h5", "n_images": 1, "metadata": [1]}, "metadata: expected"),
     ({"output_file": "{root}/x.h5", "n_images": 1, "compression": "zip"}, "compression:"),
+    ({"output_file": "{root}/missing/x.h5", "n_images": 1}, "directory .* does not exist"),
 ])
 def test_bad_requests_name_the_field(request_, message, make_config, tmp_path):
     path, _ = make_config("jungfrau_1m.json", output_root=str(tmp_path))
@@ -194,7 +197,35 @@ def test_bad_requests_name_the_field(request_, message, make_config, tmp_path):
 
 def test_fields_of_other_services_are_ignored(make_config, tmp_path):
     path, _ = make_config("jungfrau_1m.json")
-    request = validate_write_request({"output_file": "/data/x.h5", "n_images": 3,
+    out = str(tmp_path / "x.h5")
+    request = validate_write_request({"output_file": out, "n_images": 3,
                                       "channels": ["X:PV"], "start_pulse_id": 5},
                                      load_config(path))
-    assert (request.output_file, request.n_images) == ("/data/x.h5", 3)
+    assert (request.output_file, request.n_images) == (out, 3)
+
+
+def test_writer_dying_mid_run_fails_the_request(make_config, ipc_dir, tmp_path):
+    path, _ = make_config("jungfrau_1m.json")
+    config = load_config(path)
+    assembler = FakeAssembler(config, ipc_dir)
+    writer = Proc(module_cmd("fastcore.h5_writer", str(path), "--ipc-dir", ipc_dir),
+                  tmp_path / "writer.log")
+    try:
+        writer.wait_for("ready")
+        agent = WriterAgent(config, ipc_dir, image_timeout_s=30, writer_timeout_s=2)
+        thread, outcome = run_in_thread(agent, "r8", {"output_file": str(tmp_path / "d.h5"),
+                                                      "n_images": 100})
+        assembler.emit(1)
+        time.sleep(0.5)
+        writer.stop()  # the writer goes away mid-run; images keep coming
+        for image_id in range(2, 40):
+            assembler.emit(image_id)
+            time.sleep(0.1)
+            if not thread.is_alive():
+                break
+        thread.join(15)
+        assert "did not answer within 2 s: is stddaq-h5-writer running?" in str(
+            outcome["error"])
+    finally:
+        writer.stop()
+        assembler.close()

@@ -1,0 +1,258 @@
+"""StdDaqDetector in a real RunEngine against real std-daq services (writer agent, h5 writer,
+RabbitMQ, Redis) fed by a free-running fake detector; documents validated; Tiled read-back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+
+import h5py
+import hdf5plugin  # noqa: F401 - bitshuffle for readers
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from bluesky import plan_stubs as bps
+from bluesky import plans as bp
+from bluesky import preprocessors as bpp
+from bluesky.utils import FailedStatus, RunEngineInterrupted
+from event_model import DocumentNames, schema_validators
+from ophyd.device import Staged
+from ophyd.sim import motor
+
+from stddaq_ophyd.device import StdDaqDetector, StdDaqError
+from tests.test_writer_agent_service import AgentSetup
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class FreeRunning:
+    """The fake detector produces images continuously, like a real free-running one."""
+
+    def __init__(self, agent: AgentSetup, rate_hz: float = 40.0):
+        self.agent = agent
+        self.rate_hz = rate_hz
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0 / self.rate_hz):
+            self.agent.emit(1, pause=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class CountingDetector(StdDaqDetector):
+    unstage_calls = 0
+
+    def unstage(self):
+        self.unstage_calls += 1
+        return super().unstage()
+
+
+@pytest.fixture
+def daq(make_config, ipc_dir, tmp_path):
+    agent = AgentSetup(make_config, ipc_dir, tmp_path)
+    detector = FreeRunning(agent)
+    yield agent
+    detector.stop()
+    agent.close()
+
+
+def make_device(agent, output_dir=None, **kwargs) -> CountingDetector:
+    config_path = agent.out_dir.parent / f"{agent.config.detector_name}.json"
+    return CountingDetector("jf", detector_config=str(config_path),
+                            output_dir=str(output_dir or agent.out_dir),
+                            writer_service=agent.service, **kwargs)
+
+
+def run_with_docs(plan_factory, device):
+    RE = RunEngine({})
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    uids = RE(plan_factory(device))
+    return RE, docs, uids
+
+
+def validate(docs) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, doc in docs:
+        schema_validators[DocumentNames(name)].validate(doc)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def no_request_running(agent) -> bool:
+    return agent.agent.popen.poll() is None and not agent.client._runs
+
+
+def file_of(docs) -> str:
+    resource = next(doc for name, doc in docs if name == "stream_resource")
+    return resource["uri"].removeprefix("file://localhost")
+
+
+def test_count_documents_and_file(daq):
+    device = make_device(daq)
+    _, docs, _ = run_with_docs(lambda d: bp.count([d], num=5), device)
+    counts = validate(docs)
+    assert counts["event"] == 5 and counts["stream_resource"] == 1
+    assert counts["stream_datum"] == 5
+    stop = next(doc for name, doc in docs if name == "stop")
+    assert stop["exit_status"] == "success"
+    descriptor = next(doc for name, doc in docs if name == "descriptor")
+    image = descriptor["data_keys"]["jf_image"]
+    height, width = daq.config.image_shape
+    assert image["external"] == "STREAM:" and image["shape"] == [height, width]
+    assert image["dtype_numpy"] == "<u2"
+    events = [doc for name, doc in docs if name == "event"]
+    assert all("jf_image" not in e["data"] for e in events)
+    assert [e["data"]["jf_frames_written"] >= i + 1 for i, e in enumerate(events)]
+    datums = [doc for name, doc in docs if name == "stream_datum"]
+    assert [(d["indices"]["start"], d["indices"]["stop"]) for d in datums] == [
+        (i, i + 1) for i in range(5)]
+    with h5py.File(file_of(docs), "r") as f:
+        assert f[f"/{daq.config.detector_name}/data"].shape[0] >= 5
+    assert device._staged == Staged.no and device.unstage_calls == 1
+    assert no_request_running(daq)
+
+
+def test_scan_with_a_motor(daq):
+    device = make_device(daq)
+    _, docs, _ = run_with_docs(lambda d: bp.scan([d], motor, -1, 1, 3), device)
+    counts = validate(docs)
+    assert counts["event"] == 3 and counts["stream_datum"] == 3
+    events = [doc for name, doc in docs if name == "event"]
+    assert [round(e["data"]["motor"], 3) for e in events] == [-1.0, 0.0, 1.0]
+
+
+def test_tiled_reads_back_the_images(daq):
+    from bluesky.callbacks.tiled_writer import TiledWriter
+    from tiled.client import from_uri
+    from tiled.server import SimpleTiledServer
+
+    device = make_device(daq)
+    with SimpleTiledServer(readable_storage=[str(daq.out_dir)]) as server:
+        client = from_uri(server.uri)
+        RE = RunEngine({})
+        docs = []
+        RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        RE.subscribe(TiledWriter(client))
+        (uid,) = RE(bp.count([device], num=4))
+        array = client[uid]["primary"]["jf_image"].read()
+        with h5py.File(file_of(docs), "r") as f:
+            written = f[f"/{daq.config.detector_name}/data"][:4]
+    assert array.shape == (4, *daq.config.image_shape)
+    np.testing.assert_array_equal(np.asarray(array), written)
+
+
+def test_writer_error_mid_scan_fails_with_the_std_daq_message(daq):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount_point = tempfile.mkdtemp(prefix="full-", dir=daq.out_dir)  # inside output_root
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", mount_point],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        os.rmdir(mount_point)
+        pytest.skip(f"cannot mount tmpfs: {mounted.stderr.strip()}")
+    try:
+        device = make_device(daq, output_dir=mount_point, trigger_timeout=20)
+        RE = RunEngine({})
+        docs = []
+        RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        with pytest.raises(FailedStatus) as failure:
+            RE(bp.count([device], num=20))
+        message = str(failure.value.__cause__)
+        assert "No space left on device" in message and mount_point in message
+        stop = next(doc for name, doc in docs if name == "stop")
+        assert stop["exit_status"] == "fail"
+        assert device.unstage_calls == 1 and device._staged == Staged.no
+        assert no_request_running(daq)
+    finally:
+        subprocess.run(["umount", "-l", mount_point], check=False)
+        os.rmdir(mount_point)
+
+
+@pytest.mark.parametrize("ending", ["abort", "stop", "halt"])
+def test_pause_then_end_unstages_once_and_leaves_a_valid_file(daq, ending):
+    device = make_device(daq)
+    RE = RunEngine({})
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+
+    def pause_after_events(name, doc):
+        if name == "event" and doc["seq_num"] == 3:  # as if Ctrl-C twice, from outside
+            threading.Thread(target=RE.request_pause, kwargs={"defer": False}).start()
+
+    RE.subscribe(pause_after_events)
+    with pytest.raises(RunEngineInterrupted):
+        RE(bp.count([device], num=50, delay=0.05))
+    assert RE.state == "paused"
+    getattr(RE, ending)()
+    assert device.unstage_calls == 1 and device._staged == Staged.no
+    assert no_request_running(daq)
+    path = file_of(docs)
+    with h5py.File(path, "r") as f:
+        n = f[f"/{daq.config.detector_name}/data"].shape[0]
+    assert n >= 3
+
+
+def test_construction_is_lazy_and_failed_stage_leaves_nothing(daq):
+    threads = set(threading.enumerate())
+    device = make_device(daq, stage_timeout=3)
+    device.writer_service = "no.such.writer"
+    assert set(threading.enumerate()) == threads, "constructing must not connect"
+    for _ in range(2):  # the second stage fails the same way, never RedundantStaging
+        with pytest.raises(StdDaqError, match="no service queue is bound to tag"):
+            device.stage()
+        assert device._staged == Staged.no
+    device.unstage()  # safe after a failed stage
+    device.unstage()
+    if device._client is not None:
+        device._client.close()
+
+
+def test_unstage_bounds_and_stop_fails_pending_trigger(daq):
+    device = make_device(daq, images_per_trigger=10_000, trigger_timeout=30)
+    device.stage()
+    status = device.trigger()
+    time.sleep(0.3)
+    device.stop()
+    with pytest.raises(Exception, match="stopped"):
+        status.wait(10)
+    began = time.monotonic()
+    device.unstage()
+    assert time.monotonic() - began < 5
+    assert no_request_running(daq)
+    device.client.close()
+
+
+def fly(device):
+    """A fly scan as bluesky's stream plans run one: declare, kickoff, complete, collect."""
+
+    @bpp.run_decorator()
+    def inner():
+        yield from bps.declare_stream(device, name="primary", collect=True)
+        yield from bps.kickoff(device, wait=True)
+        yield from bps.complete(device, wait=True)
+        yield from bps.collect(device, name="primary")
+
+    return (yield from inner())
+
+
+def test_fly_scan_kickoff_complete_collect(daq):
+    device = make_device(daq, images_per_fly=6)
+    _, docs, _ = run_with_docs(fly, device)
+    counts = validate(docs)
+    stop = next(doc for name, doc in docs if name == "stop")
+    assert stop["exit_status"] == "success"
+    datums = [doc for name, doc in docs if name == "stream_datum"]
+    assert counts["stream_resource"] == 1
+    assert sum(d["indices"]["stop"] - d["indices"]["start"] for d in datums) == 6
+    with h5py.File(file_of(docs), "r") as f:
+        assert f[f"/{daq.config.detector_name}/data"].shape[0] == 6
+    assert no_request_running(daq)

@@ -81,6 +81,7 @@ class SharedSegment:
         self.owner = owner
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
+            self.inode = os.fstat(fd).st_ino
             self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
@@ -133,6 +134,14 @@ class SharedSegment:
             segment.close()
             raise BufferMissingError(f"shared memory {path} is not a stddaq buffer (bad magic)")
         return segment
+
+    def replaced(self) -> bool:
+        """True when the name now refers to another segment (its producer restarted) or to
+        none: this mapping only holds stale data."""
+        try:
+            return os.stat(self.path).st_ino != self.inode
+        except FileNotFoundError:
+            return True
 
     def close(self) -> None:
         """Unmap; the owner also unlinks the file. Safe to call twice."""

@@ -168,6 +168,8 @@ class RunFile:
             self.n_missing += 1
         self.data.resize(i_image + 1, axis=0)
         self.n_rows = i_image + 1
+        if not self.images.holds(image_id) and self.images.segment.replaced():
+            self._reattach()
         good = self.images.holds(image_id) and self._write_chunk(i_image, image_id)
         status = int(image_metadata["status"])
         if not good:
@@ -183,6 +185,21 @@ class RunFile:
         if time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
             self.flush()
         return good
+
+    def _reattach(self) -> None:
+        """The producer restarted with a new ImageBuffer: follow it (same geometry only)."""
+        try:
+            images = ImageBuffer.attach(self.images.name)
+        except ShmBufferError:
+            return
+        if (images.shape, images.dtype) != (self.images.shape, self.images.dtype):
+            images.close()
+            raise WriteError(f"the ImageBuffer {images.name} was recreated with another "
+                             "image geometry")
+        log.warning("run %d: ImageBuffer %s was recreated (producer restarted): re-attached",
+                    self.run_id, images.name)
+        self.images.close()
+        self.images = images
 
     def _write_chunk(self, i_image: int, image_id: int) -> bool:
         view = self.images.image(image_id)

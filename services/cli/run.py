@@ -1,0 +1,167 @@
+"""stddaq-run: a complete single-machine std-daq for one detector config, supervised.
+
+Starts, in order, each after the previous one is ready: the UDP receivers, sync, assembler,
+HDF5 writer, writer agent (service ``<detector>.writer``), the Epics buffer and writer when
+an Epics config is given, the IOC, and the simulator when asked. A service that crashes is
+restarted with a log line; Ctrl-C or SIGTERM stops everything, in reverse order, by pid,
+and no process or shared-memory segment is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastcore.buffers import SHM_DIR
+from fastcore.config import ConfigError, load_config
+from fastcore.process import DEFAULT_IPC_DIR
+from services.supervisor import ServiceSpec, Supervisor
+
+log = logging.getLogger("stddaq-run")
+
+
+@dataclass
+class LaunchOptions:
+    ipc_dir: str = DEFAULT_IPC_DIR
+    log_dir: str | None = None
+    simulate_hz: float | None = None
+    ioc_prefix: str | None = None
+    ioc_port: int | None = None
+    epics_config: str | None = None
+    broker_host: str = "127.0.0.1"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+
+
+def service_specs(config_path: str, options: LaunchOptions) -> list[ServiceSpec]:
+    """The processes of a single-machine std-daq for ``config_path``, in start order."""
+    config = load_config(config_path)
+    name = config.detector_name
+    py = [sys.executable, "-m"]
+    common = ["--ipc-dir", options.ipc_dir]
+    service = ["--broker_url", options.broker_host, "--redis_host", options.redis_host,
+               "--redis_port", str(options.redis_port)]
+    specs = [
+        ServiceSpec("udp-recv", [*py, "fastcore.udp_recv", config_path, *common]),
+        ServiceSpec("sync", [*py, "fastcore.sync", config_path, *common]),
+        ServiceSpec("assembler", [*py, "fastcore.assembler", config_path, *common]),
+        ServiceSpec("h5-writer", [*py, "fastcore.h5_writer", config_path, *common]),
+        ServiceSpec("writer-agent", [*py, "services.writer_agent", "--service_name",
+                                     f"{name}.writer", "--json_config_file", config_path,
+                                     *common, *service]),
+    ]
+    if options.epics_config:
+        for kind in ("epics_buffer", "epics_writer"):
+            specs.append(ServiceSpec(kind.replace("_", "-"), [
+                *py, f"services.{kind}", "--service_name", f"{name}.{kind}",
+                "--json_config_file", options.epics_config, *service]))
+    if options.ioc_prefix:
+        ioc = [*py, "ioc.server", config_path, "--prefix", options.ioc_prefix,
+               "--writer-service", f"{name}.writer", "--broker-host", options.broker_host,
+               "--redis-host", options.redis_host, "--redis-port", str(options.redis_port),
+               *common]
+        if options.epics_config:
+            ioc += ["--epics-buffer-service", f"{name}.epics_buffer"]
+        specs.append(ServiceSpec("ioc", ioc))
+    if options.simulate_hz:
+        specs.append(ServiceSpec("simulator", [*py, "fastcore.simulator", config_path,
+                                               "--frames", "0", "--rate",
+                                               str(options.simulate_hz)], ready_text=None))
+    return specs
+
+
+class Launcher:
+    """Run the services of one detector under a Supervisor (also used by the demo)."""
+
+    def __init__(self, config_path: str, options: LaunchOptions):
+        self.config = load_config(config_path)
+        self.options = options
+        self.log_dir = Path(options.log_dir or tempfile.mkdtemp(prefix="stddaq-run-"))
+        if options.ioc_port:
+            os.environ["EPICS_CA_SERVER_PORT"] = str(options.ioc_port)
+        self.supervisor = Supervisor(service_specs(config_path, options), self.log_dir)
+
+    def start(self) -> None:
+        try:
+            self.supervisor.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        leftovers = self.supervisor.stop()
+        if leftovers:
+            log.warning("killed processes that outlived their service: %s", leftovers)
+        prefix = f"stddaq.{self.config.detector_name}."
+        for entry in os.listdir(SHM_DIR):
+            if entry.startswith(prefix):
+                log.warning("removing shared memory %s left by a killed service", entry)
+                os.unlink(os.path.join(SHM_DIR, entry))
+
+    def supervise(self, stop: threading.Event) -> None:
+        while not stop.wait(0.5):
+            self.supervisor.check()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stddaq-run",
+        description="Start a complete single-machine std-daq for a detector config and keep "
+        "it running: receivers, sync, assembler, HDF5 writer, writer agent, optionally the "
+        "Epics buffer/writer, the IOC and a simulated detector. Ctrl-C stops everything.",
+        epilog="example: stddaq-run configs/jungfrau_1m.json --simulate 100 "
+        "--ioc-prefix JF1M:")
+    parser.add_argument("config", help="detector config JSON (see configs/)")
+    parser.add_argument("--simulate", type=float, metavar="HZ", default=None,
+                        help="also run the detector simulator at this frame rate")
+    parser.add_argument("--ioc-prefix", default=None, help="also run the IOC with this prefix")
+    parser.add_argument("--ioc-port", type=int, default=None,
+                        help="CA server port of the IOC (EPICS_CA_SERVER_PORT)")
+    parser.add_argument("--epics-config", default=None,
+                        help="Epics buffer/writer config JSON (pv_list, pulse_id_pv, ...)")
+    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    parser.add_argument("--log-dir", default=None,
+                        help="directory of the service logs (default: a new temporary one)")
+    parser.add_argument("--broker-host", default=os.environ.get("BROKER_HOST", "127.0.0.1"))
+    parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
+    parser.add_argument("--redis-port", type=int, default=6379)
+    args = parser.parse_args(argv)
+    if args.simulate is not None and args.simulate <= 0:
+        parser.error(f"--simulate: expected a frame rate > 0, got {args.simulate}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s "
+                        "%(message)s")
+    options = LaunchOptions(args.ipc_dir, args.log_dir, args.simulate, args.ioc_prefix,
+                            args.ioc_port, args.epics_config, args.broker_host,
+                            args.redis_host, args.redis_port)
+    try:
+        launcher = Launcher(args.config, options)
+    except ConfigError as exc:
+        print(f"stddaq-run: error: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        launcher.start()
+    except RuntimeError as exc:
+        print(f"stddaq-run: error: a service did not start: {exc}", file=sys.stderr)
+        return 1
+    log.info("ready: std-daq for %s running; logs in %s; Ctrl-C stops it",
+             launcher.config.detector_name, launcher.log_dir)
+    try:
+        launcher.supervise(stop)
+    finally:
+        launcher.stop()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

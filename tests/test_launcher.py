@@ -1,0 +1,94 @@
+"""stddaq-run: a whole single-machine std-daq started, supervised and stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import uuid
+
+import h5py
+import pika
+import pytest
+import redis
+
+from fastcore.config import load_config
+from services.broker.protocol import request_queue_name
+from services.daq_client import DaqClient
+from tests.conftest import Proc, free_tcp_port, module_cmd
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def launched(make_config, ipc_dir, tmp_path):
+    out_dir = tmp_path / "data"
+    out_dir.mkdir()
+    path, raw = make_config("jungfrau_1m.json", output_root=str(out_dir),
+                            n_image_slots=200, n_frame_slots=64)
+    launcher = Proc(module_cmd("services.cli.run", str(path), "--simulate", "40",
+                               "--ioc-prefix", f"T{uuid.uuid4().hex[:6]}:", "--ioc-port",
+                               str(free_tcp_port()), "--ipc-dir", ipc_dir,
+                               "--log-dir", str(tmp_path / "logs")),
+                    tmp_path / "launcher.log")
+    client = None
+    try:
+        launcher.wait_for("ready: std-daq", 90)
+        config = load_config(path)
+        client = DaqClient(f"{config.detector_name}.writer", "127.0.0.1",
+                           redis.Redis("127.0.0.1", 6379))
+        yield launcher, client, config, out_dir, tmp_path / "logs"
+    finally:
+        if client is not None:
+            client.close()
+        code = launcher.stop(timeout=30)
+        channel = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1")).channel()
+        channel.queue_delete(request_queue_name(f"{raw['detector_name']}.writer"))
+        channel.connection.close()
+    assert code == 0, launcher.output[-3000:]
+    assert "stopped" in launcher.output
+
+
+def pid_of(launcher: Proc, service: str) -> int:
+    pids = re.findall(rf"{service} running \(pid (\d+)\)", launcher.output)
+    return int(pids[-1])
+
+
+def test_launcher_runs_a_whole_daq_and_stops_cleanly(launched):
+    launcher, client, config, out_dir, logs = launched
+    for service in ("udp-recv", "sync", "assembler", "h5-writer", "writer-agent", "ioc",
+                    "simulator"):
+        assert (logs / f"{service}.log").exists(), service
+        os.kill(pid_of(launcher, service), 0)  # running
+    run = client.start_write({"output_file": str(out_dir / "run.h5"), "n_images": 20},
+                             timeout=20)
+    assert run.done.wait(60) and not run.failed, run.message
+    assert run.result["n_images"] == 20 and run.result["n_missing"] == 0
+    with h5py.File(out_dir / "run.h5", "r") as f:
+        assert f[config.detector_name]["data"].shape == (20, *config.image_shape)
+        assert list(f[config.detector_name]["status"]) == [0] * 20
+
+
+def test_a_killed_service_is_restarted_and_the_acquisition_still_ends_in_a_file(launched):
+    launcher, client, config, out_dir, _ = launched
+    run = client.start_write({"output_file": str(out_dir / "restart.h5"), "n_images": 80},
+                             timeout=20)
+    deadline = time.monotonic() + 20
+    while run.n_written < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    old_pid = pid_of(launcher, "assembler")
+    os.kill(old_pid, signal.SIGKILL)
+    launcher.wait_for("assembler exited with code -9: restarting", 20)
+    deadline = time.monotonic() + 30
+    while pid_of(launcher, "assembler") == old_pid and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_of(launcher, "assembler") != old_pid
+    assert run.done.wait(90) and not run.failed, run.message
+    result = run.result
+    assert result["n_images"] + result["n_missing"] == 80
+    assert result["n_images"] >= 60, result  # a restart costs a few images, not the run
+    with h5py.File(out_dir / "restart.h5", "r") as f:
+        assert f[config.detector_name]["data"].shape[0] == 80
+        statuses = list(f[config.detector_name]["status"])
+    assert statuses.count(0) == result["n_images"]

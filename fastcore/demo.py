@@ -1,4 +1,4 @@
-"""stddaq-demo: a simulated detector through the whole data plane, with live statistics.
+"""stddaq-dataplane-demo: a simulated detector through the data plane, with live statistics.
 
 Starts stddaq-udp-recv, stddaq-sync and stddaq-assembler for a detector config, streams
 frames from stddaq-simulator, follows the ImageMetadata stream, checks sampled images pixel
@@ -148,7 +148,7 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="stddaq-demo",
+        prog="stddaq-dataplane-demo",
         description="Run a simulated detector through receiver, sync and assembler on this "
         "machine and show live statistics and a checked summary.",
     )
@@ -164,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"stddaq-demo: error: {exc}", file=sys.stderr)
+        print(f"stddaq-dataplane-demo: error: {exc}", file=sys.stderr)
         return 1
     if config.converts:
-        print("stddaq-demo: error: the demo checks raw pixels; use a config without "
+        print("stddaq-dataplane-demo: error: the demo checks raw pixels; use a config without "
               "pedestal_file/gain_file", file=sys.stderr)
         return 1
     work_dir = Path(tempfile.mkdtemp(prefix="stddaq-demo-"))
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = demo.run()
     except (RuntimeError, ShmBufferError) as exc:
-        print(f"\nstddaq-demo: error: {exc}", file=sys.stderr)
+        print(f"\nstddaq-dataplane-demo: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("\nstddaq-demo: interrupted")
+        print("\nstddaq-dataplane-demo: interrupted")
     finally:
         demo.stop()
         if args.keep_logs or code:

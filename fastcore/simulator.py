@@ -42,12 +42,15 @@ def daq_rec_of(frame: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _pattern(shape: tuple[int, int], module: int) -> tuple[np.ndarray, np.ndarray]:
-    """(3*row + 7*col + 101*module as uint32, (row//32 + col//32 + module) % 8 as uint8)."""
+    """(3*row + 7*col + 101*module as uint32, Jungfrau gain bits of each of the 8 phases
+    ``(row//32 + col//32 + module + frame) % 8`` as uint16 (8, rows, cols))."""
     rows = np.arange(shape[0], dtype=np.uint32)[:, None]
     cols = np.arange(shape[1], dtype=np.uint32)[None, :]
     base = 3 * rows + 7 * cols + np.uint32(101 * module)
-    block = ((rows // 32 + cols // 32 + module) % 8).astype(np.uint8)
-    return base, block
+    block = (rows // 32 + cols // 32 + module) % 8
+    gain_bits = np.stack([(_JUNGFRAU_GAIN_CODES[(block + phase) % 8] << 14)
+                          for phase in range(8)]).astype(np.uint16)
+    return base, gain_bits
 
 
 def module_pixels(detector_type: str, bit_depth: int, shape: tuple[int, int], frame: int,
@@ -59,11 +62,13 @@ def module_pixels(detector_type: str, bit_depth: int, shape: tuple[int, int], fr
     ``[0,0,0,0,0,0,1,3][(b + frame + module) % 8]`` (uint16). Eiger: base % 2**bit_depth
     (uint8 for 4 and 8 bit, uint16, uint32). Gigafrost: base % 4096 (uint16).
     """
-    base, block = _pattern(tuple(shape), module)
-    value = base + np.uint32((11 * frame) % 2**32)
+    base, gain_bits = _pattern(tuple(shape), module)
     if detector_type == "jungfrau":
-        gain = _JUNGFRAU_GAIN_CODES[(block + np.uint8(frame % 8)) & 7]
-        return (value & 0x3FFF).astype(np.uint16) | (gain << 14)
+        value = base.astype(np.uint16) + np.uint16((11 * frame) % 2**16)  # wraps mod 2**16
+        value &= 0x3FFF
+        value |= gain_bits[frame % 8]
+        return value
+    value = base + np.uint32((11 * frame) % 2**32)
     if detector_type == "eiger":
         if bit_depth == 32:
             return value

@@ -2,7 +2,7 @@
 
 The writer agent publishes JSON ``{"request_id", "run_id", "output_file", "n_images",
 "n_sent", "n_written", "n_missing", "done"}`` on the channel
-``stddaq.progress.<service_name>``: at most ``max_rate_hz`` times per second while a run
+``stddaq.progress.<service_name>``: at most ``max_rate_hz`` (100) times per second while a run
 goes on, and always its final state. The IOC and the Ophyd device follow it to report
 NumCaptured and to finish ``trigger()`` statuses. Redis being down only loses progress
 messages, never the write itself.
@@ -31,7 +31,7 @@ class ProgressPublisher:
     per second and a final (``done``) state at once, so the last state of a burst always goes
     out and a slow or absent Redis never stalls a write."""
 
-    def __init__(self, client: redis.Redis | None, service_name: str, max_rate_hz: float = 20):
+    def __init__(self, client: redis.Redis | None, service_name: str, max_rate_hz: float = 100):
         self.client = client
         self.channel = progress_channel(service_name)
         self.min_interval = 1.0 / max_rate_hz

@@ -74,6 +74,13 @@ class ImageAssembler:
         else:
             place_rows(pixels, image, self.plans[module])
 
+    def warm_up(self) -> None:
+        """Compile the numba kernels for this detector's pixel types now (they are cached on
+        disk), so the first images are not late."""
+        image = np.zeros(self.config.image_shape, self.config.image_dtype)
+        frame = np.zeros(self.fmt.frame_bytes, np.uint8)
+        self.place_module(0, frame, image)
+
     def clear_module(self, module: int, image: np.ndarray) -> None:
         for _, dest in self.blocks[module]:
             image[dest] = 0
@@ -93,6 +100,7 @@ class Assembler:
 
     def run(self, stop: threading.Event) -> None:
         config, assembler = self.config, self.assembler
+        assembler.warm_up()
         frames = FrameBuffer.attach(shm_name(config.detector_name, "frames"))
         images = ImageBuffer.create(shm_name(config.detector_name, "image"),
                                     config.n_image_slots, config.image_shape, config.image_dtype)
@@ -119,6 +127,8 @@ class Assembler:
                 status = ImageStatus(int(raw["status"]))
                 image = images.begin_write(image_id)
                 placed = np.zeros(config.n_modules, bool)
+                if (frames.frame_ids(image_id) != image_id).any():
+                    frames = frames.refreshed()  # the receivers may have been restarted
                 for module in range(config.n_modules):
                     record = frames.module_frame(image_id, module)
                     if int(record["id"]) != image_id:

@@ -206,6 +206,21 @@ class _SlotRing:
         self._slots = None
         self.segment.close()
 
+    def refreshed(self):
+        """This buffer, or (after its producer restarted and recreated the segment) a new
+        read-only attachment to the new segment, this one closed. Call it when a slot check
+        fails; it costs one stat()."""
+        if self.segment.owner or not self.segment.replaced():
+            return self
+        try:
+            fresh = type(self).attach(self.name)
+        except ShmBufferError:
+            return self
+        log.warning("shared memory %s was recreated by a restarted producer: re-attached",
+                    self.name)
+        self.close()
+        return fresh
+
     def __enter__(self):
         return self
 

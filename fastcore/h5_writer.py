@@ -168,7 +168,7 @@ class RunFile:
             self.n_missing += 1
         self.data.resize(i_image + 1, axis=0)
         self.n_rows = i_image + 1
-        if not self.images.holds(image_id) and self.images.segment.replaced():
+        if not self.images.holds(image_id):
             self._reattach()
         good = self.images.holds(image_id) and self._write_chunk(i_image, image_id)
         status = int(image_metadata["status"])
@@ -188,17 +188,10 @@ class RunFile:
 
     def _reattach(self) -> None:
         """The producer restarted with a new ImageBuffer: follow it (same geometry only)."""
-        try:
-            images = ImageBuffer.attach(self.images.name)
-        except ShmBufferError:
-            return
+        images = self.images.refreshed()
         if (images.shape, images.dtype) != (self.images.shape, self.images.dtype):
-            images.close()
             raise WriteError(f"the ImageBuffer {images.name} was recreated with another "
                              "image geometry")
-        log.warning("run %d: ImageBuffer %s was recreated (producer restarted): re-attached",
-                    self.run_id, images.name)
-        self.images.close()
         self.images = images
 
     def _write_chunk(self, i_image: int, image_id: int) -> bool:

@@ -52,6 +52,7 @@ def serve(config: DetectorConfig, ipc_dir: str, address: str, rate_hz: float,
             try:
                 images.read(int(meta["id"]), out)
             except SlotOverwrittenError:
+                images = images.refreshed()  # the assembler may have been restarted
                 continue
             header = {"type": images.dtype.name, "shape": list(images.shape),
                       "frame": int(meta["id"]), "status": int(meta["status"])}

@@ -51,6 +51,8 @@ def send(config: DetectorConfig, ipc_dir: str, address: str, stop: threading.Eve
             if sub.poll(100):
                 meta_bytes = sub.recv()
                 image_id = int(np.frombuffer(meta_bytes, IMAGE_METADATA)[0]["id"])
+                if not images.holds(image_id):
+                    images = images.refreshed()  # the assembler may have been restarted
                 data = images.image(image_id).tobytes()  # the one copy
                 if not images.holds(image_id):
                     stats.dropped_overwritten += 1

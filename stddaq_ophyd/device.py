@@ -18,6 +18,7 @@ Constructing the device contacts nothing: connections open at the first stage/ki
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -179,15 +180,22 @@ class StdDaqDetector(Device):
         return status
 
     def _watch(self, run: WriteRun, target: int, status: Status) -> None:
+        lock = threading.Lock()  # progress, done and this thread may all check at once
+        settled = threading.Event()  # status.done turns True only after its callbacks
+
         def check(_n_written: int | None = None) -> None:
-            if status.done:
-                return
-            if run.n_written >= target:
-                status.set_finished()
-            elif run.done.is_set():
-                message = run.message or (
-                    f"std-daq stopped after {run.n_written} images, before image {target}")
-                status.set_exception(StdDaqError(message))
+            with lock:
+                if settled.is_set():
+                    return
+                if run.n_written >= target:
+                    settled.set()
+                    status.set_finished()
+                elif run.done.is_set() or run.interrupted:
+                    message = run.interrupted or run.message or (
+                        f"std-daq stopped after {run.n_written} images, before image "
+                        f"{target}")
+                    settled.set()
+                    status.set_exception(StdDaqError(message))
 
         run.add_progress_callback(check)
         run.add_done_callback(check)

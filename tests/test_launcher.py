@@ -70,20 +70,22 @@ def test_launcher_runs_a_whole_daq_and_stops_cleanly(launched):
         assert list(f[config.detector_name]["status"]) == [0] * 20
 
 
-def test_a_killed_service_is_restarted_and_the_acquisition_still_ends_in_a_file(launched):
+@pytest.mark.parametrize("service", ["assembler", "udp-recv"])
+def test_a_killed_service_is_restarted_and_the_acquisition_still_ends_in_a_file(
+        launched, service):
     launcher, client, config, out_dir, _ = launched
     run = client.start_write({"output_file": str(out_dir / "restart.h5"), "n_images": 80},
                              timeout=20)
     deadline = time.monotonic() + 20
     while run.n_written < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
-    old_pid = pid_of(launcher, "assembler")
+    old_pid = pid_of(launcher, service)
     os.kill(old_pid, signal.SIGKILL)
-    launcher.wait_for("assembler exited with code -9: restarting", 20)
+    launcher.wait_for(f"{service} exited with code -9: restarting", 20)
     deadline = time.monotonic() + 30
-    while pid_of(launcher, "assembler") == old_pid and time.monotonic() < deadline:
+    while pid_of(launcher, service) == old_pid and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert pid_of(launcher, "assembler") != old_pid
+    assert pid_of(launcher, service) != old_pid
     assert run.done.wait(90) and not run.failed, run.message
     result = run.result
     assert result["n_images"] + result["n_missing"] == 80

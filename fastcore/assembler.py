@@ -79,6 +79,7 @@ class ImageAssembler:
         disk), so the first images are not late."""
         image = np.zeros(self.config.image_shape, self.config.image_dtype)
         frame = np.zeros(self.fmt.frame_bytes, np.uint8)
+        frame.flags.writeable = False  # as the FrameBuffer is attached: another numba type
         self.place_module(0, frame, image)
 
     def clear_module(self, module: int, image: np.ndarray) -> None:

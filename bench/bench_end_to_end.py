@@ -30,7 +30,7 @@ import zmq
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_receive as br
 
-from fastcore.formats import IMAGE_METADATA, MODULE_FRAME
+from fastcore.formats import IMAGE_METADATA, MODULE_FRAME, ImageStatus
 from fastcore.launch import ChildProcess
 from fastcore.process import ipc_address
 from fastcore.writer_protocol import RunInfo, image_message, stop_message
@@ -136,13 +136,16 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
                 push.send_multipart(stop_message(run_id))
             stop = _await_stop(status, run_id)
             with h5py.File(out, "r") as f:
-                flagged = int(np.count_nonzero(f[name]["status"][:]))
+                statuses = f[name]["status"][:]
+            flagged = int(np.count_nonzero(statuses))
+            by_flag = {flag.name: int(np.count_nonzero(statuses & np.uint64(flag)))
+                       for flag in ImageStatus if flag}
             out.unlink()
             lost = n - stop["n_written"] + flagged
             results[rate] = {"sent": sent, "written": stop["n_written"], "flagged": flagged,
-                             "lost_images": lost}
+                             "flags": by_flag, "lost_images": lost}
             print(f"  end-to-end   {rate:5d} Hz: {sent} frames sent, {stop['n_written']} "
-                  f"written, {flagged} flagged -> {lost} images lost", flush=True)
+                  f"written, {flagged} flagged {by_flag} -> {lost} images lost", flush=True)
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -76,6 +76,7 @@ def writer_write(config, metas, path: str, compression: str) -> tuple[float, int
     elapsed = time.perf_counter() - start
     stop = events[-1]
     assert stop["event"] == "stop" and stop["n_written"] == n, stop
+    writer.close()
     return elapsed, os.path.getsize(path)
 
 

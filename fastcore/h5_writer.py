@@ -254,6 +254,7 @@ class H5Writer:
         self.publish = publish
         self.compression = compression
         self.run: RunFile | None = None
+        self.images: ImageBuffer | None = None
         self.failed_runs: set[int] = set()
 
     def handle(self, frames: list[bytes]) -> None:
@@ -287,7 +288,7 @@ class H5Writer:
             if root and os.path.commonpath([os.path.abspath(root), path]) != \
                     os.path.abspath(root):
                 raise WriteError(f"output_file {path} is outside the output root {root}")
-            images = ImageBuffer.attach(shm_name(self.config.detector_name, "image"))
+            images = self._image_buffer()
         except (WriteError, ShmBufferError) as exc:
             self._fail_open(run_id, str(exc))
             return
@@ -295,12 +296,26 @@ class H5Writer:
             self.run = RunFile(path, run_id, info, self.config, images,
                                info.compression or self.compression)
         except (WriteError, OSError) as exc:
-            images.close()
             self._fail_open(run_id, str(exc))
             return
         log.info("run %d: writing %d images to %s", run_id, info.n_images, path)
         self.publish({"event": "start", "run_id": run_id, "output_file": path,
                       "n_images": info.n_images})
+
+    def _image_buffer(self) -> ImageBuffer:
+        """The ImageBuffer, attached once and kept (a fresh mapping would page-fault through
+        its first pass); re-attached when the assembler recreated it."""
+        if self.images is None:
+            self.images = ImageBuffer.attach(shm_name(self.config.detector_name, "image"))
+        else:
+            self.images = self.images.refreshed()
+        return self.images
+
+    def close(self) -> None:
+        self.finish("interrupted")
+        if self.images is not None:
+            self.images.close()
+            self.images = None
 
     def _fail_open(self, run_id: int, message: str) -> None:
         log.error("run %d: %s", run_id, message)
@@ -332,8 +347,7 @@ class H5Writer:
         except (OSError, RuntimeError) as exc:  # h5py raises both for a full disk
             self.publish({"event": "error", "run_id": run.run_id,
                           "message": f"closing {run.path} failed: {exc}"})
-        finally:
-            run.images.close()
+        self.images = run.images  # the run may have re-attached a recreated buffer
         summary = run.summary(reason)
         log.info("run %d %s: %d written, %d missing -> %s", run.run_id, reason, run.n_written,
                  run.n_missing, run.path)
@@ -367,7 +381,7 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
             else:
                 writer.idle()
     finally:
-        writer.finish("interrupted")
+        writer.close()
         pull.close(0)
         pub.close(linger=500)
 

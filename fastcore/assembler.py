@@ -20,7 +20,14 @@ from fastcore.buffers import FrameBuffer, ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.conversion import load_calibration
 from fastcore.detectors import ModuleFormat, module_format
-from fastcore.formats import IMAGE_METADATA, RAW_METADATA, Encoding, ImageStatus, dtype_code
+from fastcore.formats import (
+    IMAGE_METADATA,
+    INVALID_ID,
+    RAW_METADATA,
+    Encoding,
+    ImageStatus,
+    dtype_code,
+)
 from fastcore.geometry import module_blocks, row_plan
 from fastcore.kernels import convert_rows, place_rows
 from fastcore.pixels import unpack_4bit, unpack_12bit
@@ -132,9 +139,13 @@ class Assembler:
                     frames = frames.refreshed()  # the receivers may have been restarted
                 for module in range(config.n_modules):
                     record = frames.module_frame(image_id, module)
-                    if int(record["id"]) != image_id:
+                    held = int(record["id"])
+                    if held != image_id:
                         assembler.clear_module(module, image)
-                        status |= ImageStatus.MISSING_MODULES
+                        # a newer frame in the slot: the assembler was too late; an older
+                        # one or none: this module's frame never came
+                        status |= (ImageStatus.ID_MISMATCH if image_id < held < INVALID_ID
+                                   else ImageStatus.MISSING_MODULES)
                         continue
                     if int(record["n_recv_packets"]) < n_packets:
                         status |= ImageStatus.MISSING_PACKETS

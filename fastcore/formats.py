@@ -51,7 +51,8 @@ class ImageStatus(enum.IntFlag):
     MISSING_PACKETS = 1
     MISSING_MODULES = 2
     ID_MISMATCH = 4
-    """A module's FrameBuffer slot was overwritten while the image was assembled."""
+    """A module's FrameBuffer slot was overwritten before or while the image was assembled
+    (the assembler fell more than n_frame_slots frames behind)."""
     NOT_IN_BUFFER = 8
     """The writer found the image's ImageBuffer slot overwritten: it is not in the file."""
 

@@ -133,6 +133,8 @@ class BufferGroup(PVGroup):
 
     @detector_state.startup
     async def detector_state(self, instance, async_lib):
+        # caproto's units= reaches DBR_CTRL clients but not the record's .EGU field
+        await self.array_rate.field_inst.engineering_units.write("Hz")
         self.follower.start()
 
     @detector_state.shutdown

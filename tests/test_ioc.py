@@ -108,10 +108,13 @@ time.sleep(0.3)
 print(json.dumps({{
     "path": epics.caget(P + "WRT:FilePath", as_string=True, use_monitor=False),
     "exists": epics.caget(P + "WRT:FilePathExists_RBV", as_string=True, use_monitor=False),
-    "desc": epics.caget(P + "WRT:NumCapture.DESC", as_string=True)}}))
+    "desc": epics.caget(P + "WRT:NumCapture.DESC", as_string=True),
+    "egu": epics.caget(P + "BUF:ArrayRate_RBV.EGU", as_string=True),
+    "prec": epics.caget(P + "BUF:ArrayRate_RBV.PREC")}}))
 """)
     assert result["path"] == path and result["exists"] == "Yes"
     assert result["desc"] == "Images to write per capture"
+    assert result["egu"] == "Hz" and result["prec"] == 1
     assert ioc.caproto("get", "-S", f"{ioc.prefix}WRT:FilePath").split(None, 1)[1].strip() == \
         path
     ioc.caproto("put", "-S", f"{ioc.prefix}WRT:FileName", "x" * 150)
@@ -238,3 +241,31 @@ def test_ophyd_epics_signals_over_the_ioc(stack, tmp_path, layer):
     assert done.returncode == 0, done.stderr[-2000:]
     path, count, state = json.loads(done.stdout.strip().splitlines()[-1])
     assert path == str(long_dir) + "/" and count == 42 and state in ("Idle", "Disconnected")
+
+
+def test_capture_zero_stops_the_write_with_a_valid_file(stack):
+    agent, ioc = stack
+    from tests.test_ophyd import FreeRunning
+
+    detector = FreeRunning(agent, rate_hz=20)
+    try:
+        result = ioc.client(WAIT + f"""
+epics.caput(P + "WRT:FilePath", {str(agent.out_dir)!r}, wait=True)
+epics.caput(P + "WRT:FileName", "stopped", wait=True)
+epics.caput(P + "WRT:NumCapture", 100000, wait=True)
+epics.caput(P + "WRT:Capture", 1, wait=True)
+writing = wait(P + "WRT:WriterState_RBV", "Writing")
+time.sleep(1.0)
+epics.caput(P + "WRT:Capture", 0, wait=True)
+print(json.dumps({{"writing": writing,
+    "capture": wait(P + "WRT:Capture", "Done"),
+    "state": wait(P + "WRT:WriterState_RBV", "Done"),
+    "captured": epics.caget(P + "WRT:NumCaptured_RBV", use_monitor=False),
+    "full": epics.caget(P + "WRT:FullFileName_RBV", as_string=True, use_monitor=False)}}))
+""")
+    finally:
+        detector.stop()
+    assert result["writing"] == "Writing" and result["capture"] == "Done"
+    assert result["state"] == "Done" and result["captured"] > 0
+    with h5py.File(result["full"], "r") as f:
+        assert f[agent.config.detector_name]["data"].shape[0] == result["captured"]

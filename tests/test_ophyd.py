@@ -205,7 +205,8 @@ def test_construction_is_lazy_and_failed_stage_leaves_nothing(daq):
     threads = set(threading.enumerate())
     device = make_device(daq, stage_timeout=3)
     device.writer_service = "no.such.writer"
-    assert set(threading.enumerate()) == threads, "constructing must not connect"
+    new_threads = set(threading.enumerate()) - threads  # (old ones may end meanwhile)
+    assert not new_threads and device._client is None, "constructing must not connect"
     for _ in range(2):  # the second stage fails the same way, never RedundantStaging
         with pytest.raises(StdDaqError, match="no service queue is bound to tag"):
             device.stage()

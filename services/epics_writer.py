@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ import numpy as np
 import redis
 
 from services.epics_common import STRING_TYPE, ConfigError, Point, StreamKeys, stream_prefix
-from services.startup import SetupError, StatusHeartbeat, redis_client, service_setup
+from services.startup import SetupError, redis_client, serve_primary, service_setup
 
 log = logging.getLogger("EpicsWriter")
 
@@ -521,32 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SetupError, ConfigError) as exc:
         print(f"stddaq-epics-writer: {exc}", file=sys.stderr)
         return 1
-    from services.broker.primary import PrimaryService
-
-    service = PrimaryService(service_name, writer, broker_host=args.broker_url, tag=args.tag)
-    heartbeat = StatusHeartbeat(
-        service_name, config, None if args.redis_skip else client,
-        lambda: dict(writer.counters(), broker_connected=service.connected))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    heartbeat.start()
-    service.start()
-    try:
-        service.wait_ready(10.0)
-    except TimeoutError as exc:
-        log.warning("broker not reachable yet (%s): requests are served once it is", exc)
-    heartbeat.set_state("running")
-    log.info("ready: %s serving Epics write requests (tag %s)", service_name, service.tag)
-    try:
-        while not stop.wait(1.0):
-            heartbeat.set_state("writing" if writer.counters()["running"] else (
-                "running" if service.connected else "broker unreachable"))
-    finally:
-        service.stop(timeout=10.0, kill_running=True)
-        heartbeat.stop()
-    log.info("stopped")
-    return 0
+    return serve_primary(service_name, writer, args, config,
+                         None if args.redis_skip else client, writer.counters,
+                         lambda: bool(writer.counters()["running"]), "Epics write requests")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -187,3 +188,36 @@ class StatusHeartbeat:
         if self.client is not None:
             with contextlib.suppress(redis.RedisError):
                 self.client.delete(self.key)
+
+
+def serve_primary(service_name: str, handler: Any, args: argparse.Namespace, config: dict,
+                  client: redis.Redis | None, counters: Callable[[], dict[str, Any]],
+                  busy: Callable[[], bool], what: str, refuse_when_busy: bool = False) -> int:
+    """Run ``handler`` as a primary broker service until SIGTERM/SIGINT, with its heartbeat
+    (state: running / <busy> / broker unreachable). ``what`` names the work in the log."""
+    from services.broker.primary import PrimaryService  # pika only for broker services
+
+    service = PrimaryService(service_name, handler, broker_host=args.broker_url,
+                             tag=args.tag, refuse_when_busy=refuse_when_busy)
+    heartbeat = StatusHeartbeat(service_name, config, client, lambda: dict(
+        counters(), busy=busy(), broker_connected=service.connected))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    heartbeat.start()
+    service.start()
+    try:
+        service.wait_ready(10.0)
+    except TimeoutError as exc:
+        log.warning("broker not reachable yet (%s): requests are served once it is", exc)
+    heartbeat.set_state("running")
+    log.info("ready: %s serving %s (tag %s)", service_name, what, service.tag)
+    try:
+        while not stop.wait(1.0):
+            heartbeat.set_state("writing" if busy() else (
+                "running" if service.connected else "broker unreachable"))
+    finally:
+        service.stop(timeout=10.0, kill_running=True)
+        heartbeat.stop()
+    log.info("stopped")
+    return 0

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -34,9 +33,8 @@ from fastcore.config import ConfigError, DetectorConfig, parse_config
 from fastcore.formats import IMAGE_METADATA
 from fastcore.process import DEFAULT_IPC_DIR, ipc_address, subscribe
 from fastcore.writer_protocol import COMPRESSIONS, RunInfo, image_message, stop_message
-from services.broker.primary import PrimaryService
 from services.progress import ProgressPublisher
-from services.startup import SetupError, StatusHeartbeat, redis_client, service_setup
+from services.startup import SetupError, redis_client, serve_primary, service_setup
 
 log = logging.getLogger(__name__)
 
@@ -333,31 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = ProgressPublisher(client, name)
     agent = WriterAgent(config, args.ipc_dir, image_timeout_s=args.image_timeout,
                         writer_timeout_s=args.writer_timeout, progress=progress.publish)
-    service = PrimaryService(name, agent, broker_host=args.broker_url, tag=args.tag,
-                             refuse_when_busy=True)
-    heartbeat = StatusHeartbeat(name, raw_config, client, lambda: dict(
-        agent.counters, busy=agent.busy, broker_connected=service.connected))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    heartbeat.start()
-    service.start()
-    try:
-        service.wait_ready(10.0)
-    except TimeoutError as exc:
-        log.warning("broker not reachable yet (%s): requests are served once it is", exc)
-    heartbeat.set_state("running")
-    log.info("ready: %s serving write requests for %s (tag %s)", name, config.detector_name,
-             service.tag)
-    try:
-        while not stop.wait(1.0):
-            heartbeat.set_state("writing" if agent.busy else (
-                "running" if service.connected else "broker unreachable"))
-    finally:
-        service.stop(timeout=10.0, kill_running=True)
-        heartbeat.stop()
-    return 0
-
+    return serve_primary(name, agent, args, raw_config, client, lambda: agent.counters,
+                         lambda: agent.busy, f"write requests for {config.detector_name}",
+                         refuse_when_busy=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -44,6 +44,7 @@ import numpy as np
 import redis
 
 from services.epics_common import STRING_TYPE, ConfigError, Point, StreamKeys, stream_prefix
+from services.requests import RequestError, output_path
 from services.startup import SetupError, redis_client, serve_primary, service_setup
 
 log = logging.getLogger("EpicsWriter")
@@ -53,10 +54,6 @@ TIMELINE_PAD_MS = 5
 PAGE = 10000
 INTERRUPTED = "User requested interruption."
 STRING_DTYPE = h5py.string_dtype("utf-8")
-
-
-class RequestError(ValueError):
-    """A write request with a missing or bad field; the message names it."""
 
 
 class KilledError(RuntimeError):
@@ -77,19 +74,6 @@ class EpicsWriteRequest:
     @property
     def by_pulse_id(self) -> bool:
         return self.start_pulse_id is not None
-
-
-def _check_path(request: dict, name: str, output_root: str | None) -> str:
-    path = request.get(name)
-    if not isinstance(path, str) or not path or not os.path.isabs(path):
-        raise RequestError(f"{name}: expected an absolute file path, got {path!r}")
-    if ".." in path.split("/"):
-        raise RequestError(f"{name}: '..' is not allowed in {path!r}")
-    if output_root:
-        root = os.path.abspath(output_root)
-        if os.path.commonpath([root, os.path.normpath(path)]) != root:
-            raise RequestError(f"{name}: {path!r} is outside the output root {root}")
-    return path
 
 
 def _pulse_id(request: dict, name: str) -> int:
@@ -123,7 +107,7 @@ def validate_request(request: Any, output_root: str | None = None) -> EpicsWrite
         raise RequestError(f"request: expected a JSON object, got {type(request).__name__}")
     if "output_file" not in request:
         raise RequestError("output_file: missing (expected an absolute file path)")
-    output_file = _check_path(request, "output_file", output_root)
+    output_file = output_path(request, "output_file", output_root)
     if os.path.lexists(output_file):
         raise RequestError(f"output_file: {output_file} already exists (not overwritten)")
     channels = request.get("channels")
@@ -188,7 +172,7 @@ def validate_request(request: Any, output_root: str | None = None) -> EpicsWrite
                                    f"{path!r}")
     run_log_file = None
     if request.get("run_log_file") is not None:
-        run_log_file = _check_path(request, "run_log_file", output_root)
+        run_log_file = output_path(request, "run_log_file", output_root)
     return EpicsWriteRequest(tuple(channels), output_file, start_pid, stop_pid, start_time,
                              stop_time, paths, run_log_file)
 
@@ -424,7 +408,7 @@ def _run_log_of(request: Any, output_root: str | None) -> str | None:
     if not isinstance(request, dict) or request.get("run_log_file") is None:
         return None
     try:
-        return _check_path(request, "run_log_file", output_root)
+        return output_path(request, "run_log_file", output_root)
     except RequestError:
         return None
 

@@ -34,13 +34,10 @@ from fastcore.formats import IMAGE_METADATA
 from fastcore.process import DEFAULT_IPC_DIR, ipc_address, subscribe
 from fastcore.writer_protocol import COMPRESSIONS, RunInfo, image_message, stop_message
 from services.progress import ProgressPublisher
+from services.requests import RequestError, output_path
 from services.startup import SetupError, redis_client, serve_primary, service_setup
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A write request with a missing or bad field; the message names it."""
 
 
 class BusyError(RuntimeError):
@@ -75,17 +72,9 @@ def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest
     """Check a write request; raises RequestError naming the first bad field."""
     if not isinstance(request, dict):
         raise RequestError(f"request: expected a JSON object, got {type(request).__name__}")
-    path = request.get("output_file")
-    if path is None:
+    if request.get("output_file") is None:
         raise RequestError("output_file: missing (expected an absolute file path)")
-    if not isinstance(path, str) or not path or not os.path.isabs(path):
-        raise RequestError(f"output_file: expected an absolute file path, got {path!r}")
-    if ".." in path.split("/"):
-        raise RequestError(f"output_file: '..' is not allowed in {path!r}")
-    if config.output_root:
-        root = os.path.abspath(config.output_root)
-        if os.path.commonpath([root, os.path.normpath(path)]) != root:
-            raise RequestError(f"output_file: {path!r} is outside the output root {root}")
+    path = output_path(request, "output_file", config.output_root)
     directory = os.path.dirname(os.path.normpath(path))
     if not os.path.isdir(directory):
         raise RequestError(f"output_file: directory {directory} does not exist")
@@ -205,24 +194,22 @@ class _Run:
         self.push.close()
 
     def execute(self) -> dict:
-        self._forward(self.images_sub, self.status_sub, self.push)
+        self._forward()
         killed = self.agent._kill.is_set()
-        if self.sent and self.sent < self.write.n_images:
-            self.push.send_multipart(stop_message(self.run_id))
-        if self.sent:
-            self._await_writer_stop(self.status_sub)
+        self._close_file()
         stop = self.stop_event or {"n_written": 0, "n_missing": 0, "missing_image_ids": []}
         return {"output_file": self.write.output_file, "run_id": self.run_id,
                 "n_images": stop["n_written"], "n_requested": self.write.n_images,
                 "n_missing": stop["n_missing"], "missing_image_ids": stop["missing_image_ids"],
                 "killed": killed}
 
-    def _send(self, push: zmq.Socket, meta: np.ndarray | np.void) -> None:
+    def _send(self, meta: np.ndarray | np.void) -> None:
         first = self.sent == 0
         if first:
             self.first_sent_at = time.monotonic()
-        push.send_multipart(image_message(meta, self.run_id, self.sent, self.write.n_images,
-                                          self.info if first else None))
+        self.push.send_multipart(image_message(meta, self.run_id, self.sent,
+                                               self.write.n_images,
+                                               self.info if first else None))
         self.sent += 1
         self.next_id = int(meta["id"]) + 1
         self._report()
@@ -234,14 +221,23 @@ class _Run:
                              "n_written": self.n_written, "n_missing": self.n_missing,
                              "done": done})
 
-    def _forward(self, images_sub: zmq.Socket, status_sub: zmq.Socket,
-                 push: zmq.Socket) -> None:
+    def _close_file(self) -> None:
+        """End the writer's run (a stop when it is short of images) and wait for its
+        summary; nothing to do when no image was sent (no file was opened)."""
+        if not self.sent:
+            return
+        if self.sent < self.write.n_images:
+            self.push.send_multipart(stop_message(self.run_id))
+        self._await_writer_stop()
+
+    def _forward(self) -> None:
         agent, n = self.agent, self.write.n_images
+        images_sub = self.images_sub
         if self.next_id is not None:
-            self._forward_buffered(push)
+            self._forward_buffered()
         last_image = time.monotonic()
         while self.sent < n and not agent._kill.is_set():
-            self._drain_status(status_sub)
+            self._drain_status()
             behind = self.sent > self.n_written + self.n_missing
             if behind and time.monotonic() - max(self.first_sent_at, self.last_event_at) > \
                     agent.writer_timeout_s:
@@ -250,17 +246,15 @@ class _Run:
                 meta = np.frombuffer(images_sub.recv(), IMAGE_METADATA)[0]
                 if self.next_id is not None and int(meta["id"]) < self.next_id:
                     continue
-                self._send(push, meta)
+                self._send(meta)
                 last_image = time.monotonic()
             elif time.monotonic() - last_image > agent.image_timeout_s:
-                if self.sent:
-                    push.send_multipart(stop_message(self.run_id))
-                    self._await_writer_stop(status_sub)
+                self._close_file()
                 raise WriterError(f"no image from detector {agent.config.detector_name} for "
                                   f"{agent.image_timeout_s:g} s ({self.sent} of {n} written): "
                                   "is the detector (or simulator) running?")
 
-    def _forward_buffered(self, push: zmq.Socket) -> None:
+    def _forward_buffered(self) -> None:
         """Images from ``start_image_id`` on that are already in the ImageBuffer."""
         name = shm_name(self.agent.config.detector_name, "image")
         try:
@@ -269,13 +263,13 @@ class _Run:
             return
         try:
             while self.sent < self.write.n_images and images.holds(self.next_id):
-                self._send(push, images.metadata(self.next_id).copy())
+                self._send(images.metadata(self.next_id).copy())
         finally:
             images.close()
 
-    def _drain_status(self, status_sub: zmq.Socket) -> None:
-        while status_sub.poll(0):
-            event = json.loads(status_sub.recv())
+    def _drain_status(self) -> None:
+        while self.status_sub.poll(0):
+            event = json.loads(self.status_sub.recv())
             if event.get("run_id") != self.run_id:
                 continue
             self.writer_events.append(event)
@@ -288,18 +282,18 @@ class _Run:
             if event["event"] == "stop":
                 self.stop_event = event
 
-    def _await_writer_stop(self, status_sub: zmq.Socket) -> None:
+    def _await_writer_stop(self) -> None:
         """Wait for the writer's stop of this run; its error becomes a WriterError."""
         deadline = time.monotonic() + self.agent.writer_timeout_s
         seen = len(self.writer_events)
         while self.stop_event is None:
-            self._drain_status(status_sub)
+            self._drain_status()
             if len(self.writer_events) > seen:  # the writer is working: extend the wait
                 seen = len(self.writer_events)
                 deadline = time.monotonic() + self.agent.writer_timeout_s
             if time.monotonic() > deadline:
                 raise WriterError(self._no_answer())
-            status_sub.poll(100)
+            self.status_sub.poll(100)
 
     def _no_answer(self) -> str:
         return (f"h5 writer for {self.agent.config.detector_name} did not answer within "

@@ -1,0 +1,24 @@
+"""Checks shared by the primary services' request validation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class RequestError(ValueError):
+    """A request with a missing or bad field; the message names it."""
+
+
+def output_path(request: dict[str, Any], name: str, output_root: str | None) -> str:
+    """The absolute path in ``request[name]``: no '..', inside ``output_root`` if set."""
+    path = request.get(name)
+    if not isinstance(path, str) or not path or not os.path.isabs(path):
+        raise RequestError(f"{name}: expected an absolute file path, got {path!r}")
+    if ".." in path.split("/"):
+        raise RequestError(f"{name}: '..' is not allowed in {path!r}")
+    if output_root:
+        root = os.path.abspath(output_root)
+        if os.path.commonpath([root, os.path.normpath(path)]) != root:
+            raise RequestError(f"{name}: {path!r} is outside the output root {root}")
+    return path

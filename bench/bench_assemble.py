@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from fastcore.assembler import ImageAssembler
+from fastcore.assembler import Assembler, ImageAssembler
 from fastcore.config import DetectorConfig, parse_config
 from fastcore.conversion import convert_reference
 from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
@@ -43,7 +43,7 @@ N_MODULES = 4
 MOD_H, MOD_W = JUNGFRAU_MODULE_SHAPE
 MODULE_BYTES = MOD_H * MOD_W * 2
 IMAGE_RAW_BYTES = N_MODULES * MODULE_BYTES  # raw input per image: 4 MiB
-TARGETS = {"raw": 0.7, "convert": 0.25}
+TARGETS = {"raw": 0.7, "convert": 0.25, "convert_batch": 0.25}
 
 
 def detector_config(gaps: bool) -> DetectorConfig:
@@ -66,7 +66,7 @@ def detector_config(gaps: bool) -> DetectorConfig:
 
 def make_calibration(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray,
                                                         np.ndarray]:
-    """(per-module (3, 512, 1024, 2) float32 (pedestal, 1/gain) as load_calibration builds
+    """(per-module (2, 3, 512, 1024) float32 pedestal and 1/gain as load_calibration builds
     it, pedestal (3, 512, 1024) and gain (3, 512, 1024) of module 0 for the reference)."""
     calibration = []
     pedestal0 = gain0 = None
@@ -75,10 +75,7 @@ def make_calibration(rng: np.random.Generator) -> tuple[list[np.ndarray], np.nda
                               (3, MOD_H, MOD_W)).astype(np.float32)
         gain = rng.normal([[[40.0]], [[-1.5]], [[-0.1]]], [[[1.0]], [[0.05]], [[0.005]]],
                           (3, MOD_H, MOD_W)).astype(np.float32)
-        module = np.empty((3, MOD_H, MOD_W, 2), np.float32)
-        module[..., 0] = pedestal
-        module[..., 1] = 1.0 / gain
-        calibration.append(module)
+        calibration.append(np.stack([pedestal, 1.0 / gain]).astype(np.float32))
         if pedestal0 is None:
             pedestal0, gain0 = pedestal, gain
     return calibration, pedestal0, gain0
@@ -96,10 +93,11 @@ def make_sources(n_images: int) -> np.ndarray:
 
 
 def time_pass(task: Callable[[int, int], None], n_images: int, n_dest: int,
-              start: int) -> float:
-    """Seconds to run ``task(image, dest)`` over images 0..n_images-1 once."""
+              start: int, step: int = 1) -> float:
+    """Seconds to run ``task(image, dest)`` over images 0..n_images-1 once (a batch task
+    handles ``step`` images from ``image`` on)."""
     began = time.perf_counter()
-    for i in range(n_images):
+    for i in range(0, n_images, step):
         task(i, (start + i) % n_dest)
     return time.perf_counter() - began
 
@@ -166,26 +164,49 @@ def run_layout(layout: str, args: argparse.Namespace, repeats: int, sources: np.
         for m in range(N_MODULES):
             converter.place_module(m, sources_g0[i, m], float_images[d])
 
+    # batches as the assembler places them when it is behind: frames and images reached
+    # as rows of 2-D arrays (like FrameBuffer/ImageBuffer.pixel_rows)
+    frame_rows = src16.reshape(n_src * N_MODULES, -1)
+    image_rows = float_images.reshape(n_dest, -1)
+
+    def batch_task(size: int) -> Callable[[int, int], None]:
+        def convert_batch(i: int, d: int) -> None:
+            images = np.arange(i, i + size)
+            dests = (d + np.arange(size)) % n_dest
+            for m in range(N_MODULES):
+                converter.place_frames(m, (frame_rows, images * N_MODULES + m, 0),
+                                       (image_rows, dests, 0))
+        return convert_batch
+
     def reference(i: int, d: int) -> None:
         for m in range(N_MODULES):
             convert_reference(src16[i, m].reshape(JUNGFRAU_MODULE_SHAPE), pedestal0,
                               gain0)
 
-    tasks = {"copy": (copy, n_src), "raw": (raw, n_src), "convert": (convert, n_src),
-             "convert_1thread": (convert, n_src), "convert_g0": (convert_g0, n_src),
-             "reference": (reference, min(args.reference_images, n_src))}
+    batch = args.batch
+    tasks = {"copy": (copy, n_src, 1), "raw": (raw, n_src, 1),
+             "convert": (convert, n_src, 1), "convert_batch": (batch_task(batch), n_src, batch),
+             "convert_1thread": (convert, n_src, 1), "convert_g0": (convert_g0, n_src, 1),
+             "reference": (reference, min(args.reference_images, n_src), 1)}
     checks = check(assembler, converter, sources, calibration, pedestal0, gain0,
                    raw_images[0], float_images[0])
+    # a batch gives the same images as one call per image
+    batch_task(batch)(0, 0)
+    batched = float_images[:batch].copy()
+    for k in range(batch):
+        convert(k, k)
+    checks["batch_matches"] = bool(np.array_equal(batched, float_images[:batch]))
     print(f"  checks: raw module placed exactly: {checks['raw_matches']}; conversion vs "
-          f"reference, max relative error {checks['conversion_max_rel_error']:.2e}",
+          f"reference, max relative error {checks['conversion_max_rel_error']:.2e}; "
+          f"batch of {batch} equals one by one: {checks['batch_matches']}",
           flush=True)
 
     def run(name: str, repeat: int) -> float:
-        task, n = tasks[name]
+        task, n, step = tasks[name]
         if name == "convert_1thread":
             numba.set_num_threads(1)
         try:
-            return time_pass(task, n, n_dest, repeat * n)
+            return time_pass(task, n, n_dest, repeat * n, step)
         finally:
             numba.set_num_threads(threads)
 
@@ -201,7 +222,7 @@ def run_layout(layout: str, args: argparse.Namespace, repeats: int, sources: np.
     result: dict = {"image_shape": [height, width], "blocks_per_module": blocks,
                     "dest_images": n_dest, **checks}
     copy_rate = 0.0
-    for name, (_, n) in tasks.items():
+    for name, (_, n, _) in tasks.items():
         median = float(np.median(seconds[name]))
         rate = n / median
         gb = rate * IMAGE_RAW_BYTES / 1e9
@@ -245,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed passes per task, median taken (default 9, --quick 5)")
+    parser.add_argument("--batch", type=int, default=Assembler.MAX_BATCH,
+                        help="images per call of the batched conversion, as the assembler "
+                        "forms batches when it falls behind (default: %(default)s)")
     parser.add_argument("--reference-images", type=int, default=4,
                         help="images per pass of the slow numpy reference conversion "
                         "(default: %(default)s)")
@@ -256,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(0)
     n_src = max(1, args.source_mib * 2**20 // IMAGE_RAW_BYTES)
+    if args.batch < 1 or n_src % args.batch:
+        parser.error(f"--batch must divide the {n_src} source images")
     print(f"bench_assemble: 4-module Jungfrau, {n_src} source images ({n_src * 4} distinct "
           f"module frames, {n_src * IMAGE_RAW_BYTES / 2**20:.0f} MiB) in rotation; "
           f"numba {numba.__version__} with {numba.get_num_threads()} threads, "
@@ -272,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                                      pedestal0, gain0)
 
     for layout in layouts:
-        for key in ("raw_ratio_to_copy", "convert_ratio_to_copy", "raw_target_met",
-                    "convert_target_met"):
+        for key in ("raw_ratio_to_copy", "convert_ratio_to_copy", "convert_batch_ratio_to_copy",
+                    "raw_target_met", "convert_target_met", "convert_batch_target_met"):
             figures[f"{layout}_{key}"] = figures[layout][key]
     sys.stdout.flush()
     print(json.dumps(figures), flush=True)

@@ -69,17 +69,43 @@ class ImageAssembler:
             return self._scratch
         return frame.view(f"<u{fmt.pixel_bits // 8}").reshape(fmt.module_shape)
 
+    @property
+    def batches(self) -> bool:
+        """True when frames are placed straight from the FrameBuffer by the numba kernels
+        (not Gigafrost and Eiger 4-bit, which are unpacked first)."""
+        return self.fmt.detector_type != "gigafrost" and self.fmt.pixel_bits != 4
+
     def place_module(self, module: int, frame: np.ndarray, image: np.ndarray) -> None:
-        """Decode, convert if configured, and copy one module frame onto ``image``."""
+        """Decode, convert if configured, and copy one module frame onto ``image`` (a
+        C-contiguous array of the image shape)."""
         if self.fmt.detector_type == "gigafrost":  # unpack straight into the strided rows
             (_, dest), = self.blocks[module]
             unpack_12bit(self._packed_rows(frame), image[dest])
             return
+        if not image.flags.c_contiguous:
+            raise ValueError("place_module needs a C-contiguous image")
         pixels = self.module_pixels(frame)
+        one = np.zeros(1, np.intp)
+        self._place(module, (pixels.reshape(1, -1), one, 0), (image.reshape(1, -1), one, 0))
+
+    def place_frames(self, module: int, frames: tuple[np.ndarray, np.ndarray, int],
+                     images: tuple[np.ndarray, np.ndarray, int]) -> None:
+        """Place a batch of frames of ``module`` (only when :attr:`batches`): ``frames`` and
+        ``images`` are (2-D pixel rows, row of each batch member, first pixel column), as
+        ``pixel_rows`` of the FrameBuffer and ImageBuffer give them."""
+        self._place(module, frames, images)
+
+    def _place(self, module: int, frames: tuple[np.ndarray, np.ndarray, int],
+               images: tuple[np.ndarray, np.ndarray, int]) -> None:
+        src, src_rows, src_offset = frames
+        dst, dst_rows, dst_offset = images
+        src_width, dst_width = self.fmt.module_shape[1], self.config.image_shape[1]
         if self.calibration is not None:
-            convert_rows(pixels, self.calibration[module], image, self.plans[module])
+            convert_rows(src, src_rows, src_offset, src_width, self.calibration[module], dst,
+                         dst_rows, dst_offset, dst_width, self.plans[module])
         else:
-            place_rows(pixels, image, self.plans[module])
+            place_rows(src, src_rows, src_offset, src_width, dst, dst_rows, dst_offset,
+                       dst_width, self.plans[module])
 
     def warm_up(self) -> None:
         """Compile the numba kernels for this detector's pixel types now (they are cached on
@@ -95,7 +121,15 @@ class ImageAssembler:
 
 
 class Assembler:
-    """The assembler process: RawMetadata (PULL) -> ImageBuffer + ImageMetadata (PUB)."""
+    """The assembler process: RawMetadata (PULL) -> ImageBuffer + ImageMetadata (PUB).
+
+    Images are assembled in batches of whatever RawMetadata is already queued (up to
+    ``MAX_BATCH``): when the assembler keeps up a batch is one image and adds no latency;
+    when it falls behind, one pass over a module's rows serves several images, which reads
+    the Jungfrau calibration once per batch instead of once per image.
+    """
+
+    MAX_BATCH = 8
 
     def __init__(self, config: DetectorConfig, ipc_dir: str):
         self.config = config
@@ -103,62 +137,36 @@ class Assembler:
         self.image_address = ipc_address(ipc_dir, config.detector_name, "image")
         calibration = load_calibration(config) if config.converts else None
         self.assembler = ImageAssembler(config, calibration)
+        self.max_batch = max(1, min(self.MAX_BATCH, config.n_frame_slots // 2,
+                                    config.n_image_slots // 2))
         self.images = 0
         self.flagged = 0
 
     def run(self, stop: threading.Event) -> None:
-        config, assembler = self.config, self.assembler
-        assembler.warm_up()
-        frames = FrameBuffer.attach(shm_name(config.detector_name, "frames"))
-        images = ImageBuffer.create(shm_name(config.detector_name, "image"),
-                                    config.n_image_slots, config.image_shape, config.image_dtype)
+        config = self.config
+        self.assembler.warm_up()
+        self.open_buffers()
         ctx = zmq.Context.instance()
         pull = ctx.socket(zmq.PULL)
         pull.bind(self.raw_address)
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, 100_000)
         pub.bind(self.image_address)
-        meta = np.zeros((), IMAGE_METADATA)
-        meta["height"], meta["width"] = config.image_shape
-        meta["dtype"] = dtype_code(config.image_dtype)
-        meta["encoding"] = Encoding.RAW
-        n_packets = assembler.fmt.n_packets
         last_log = time.monotonic()
         log.info("ready: assembling %s %dx%d %s into %s", config.detector_name,
-                 *config.image_shape, config.image_dtype, images.name)
+                 *config.image_shape, config.image_dtype, self.image_buffer.name)
         try:
             while not stop.is_set():
                 if not pull.poll(100):
                     continue
-                raw = np.frombuffer(pull.recv(), RAW_METADATA)[0]
-                image_id = int(raw["id"])
-                status = ImageStatus(int(raw["status"]))
-                image = images.begin_write(image_id)
-                placed = np.zeros(config.n_modules, bool)
-                if (frames.frame_ids(image_id) != image_id).any():
-                    frames = frames.refreshed()  # the receivers may have been restarted
-                for module in range(config.n_modules):
-                    record = frames.module_frame(image_id, module)
-                    held = int(record["id"])
-                    if held != image_id:
-                        assembler.clear_module(module, image)
-                        # a newer frame in the slot: the assembler was too late; an older
-                        # one or none: this module's frame never came
-                        status |= (ImageStatus.ID_MISMATCH if image_id < held < INVALID_ID
-                                   else ImageStatus.MISSING_MODULES)
-                        continue
-                    if int(record["n_recv_packets"]) < n_packets:
-                        status |= ImageStatus.MISSING_PACKETS
-                    assembler.place_module(module, frames.frame(image_id, module), image)
-                    placed[module] = True
-                if (frames.frame_ids(image_id)[placed] != image_id).any():
-                    status |= ImageStatus.ID_MISMATCH
-                meta["id"], meta["status"] = image_id, status
-                meta["user_1"], meta["user_2"] = raw["pulse_id"], raw["daq_rec"]
-                images.commit(meta)
-                pub.send(meta.tobytes())
-                self.images += 1
-                self.flagged += bool(status)
+                batch = [pull.recv()]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(pull.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                for meta in self.assemble(np.frombuffer(b"".join(batch), RAW_METADATA)):
+                    pub.send(meta)
                 if time.monotonic() - last_log > 5:
                     last_log = time.monotonic()
                     log.info("%d images assembled, %d flagged", self.images, self.flagged)
@@ -166,8 +174,79 @@ class Assembler:
             log.info("stopped: %d images assembled, %d flagged", self.images, self.flagged)
             pull.close(0)
             pub.close(0)
-            frames.close()
-            images.close()
+            self.close_buffers()
+
+    def open_buffers(self) -> None:
+        """Attach the FrameBuffer and create the ImageBuffer."""
+        config = self.config
+        self.frames = FrameBuffer.attach(shm_name(config.detector_name, "frames"))
+        self.image_buffer = ImageBuffer.create(shm_name(config.detector_name, "image"),
+                                               config.n_image_slots, config.image_shape,
+                                               config.image_dtype)
+        self._meta = np.zeros((), IMAGE_METADATA)
+        self._meta["height"], self._meta["width"] = config.image_shape
+        self._meta["dtype"] = dtype_code(config.image_dtype)
+        self._meta["encoding"] = Encoding.RAW
+
+    def close_buffers(self) -> None:
+        self.frames.close()
+        self.image_buffer.close()
+
+    def assemble(self, raws: np.ndarray) -> list[bytes]:
+        """Assemble the images of a batch of RawMetadata into the ImageBuffer; returns the
+        committed ImageMetadata records, in order."""
+        config, assembler, images = self.config, self.assembler, self.image_buffer
+        ids = raws["id"]  # uint64, like the FrameBuffer's ids
+        if len(np.unique(ids % images.n_slots)) < len(ids):  # two ids share a slot
+            return [m for k in range(len(raws)) for m in self.assemble(raws[k:k + 1])]
+        statuses = [ImageStatus(int(status)) for status in raws["status"]]
+        held = np.array([self.frames.frame_ids(i) for i in ids])
+        if (held != ids[:, None]).any():
+            self.frames = self.frames.refreshed()  # the receivers may have been restarted
+            held = np.array([self.frames.frame_ids(i) for i in ids])
+        targets = [images.begin_write(int(i)) for i in ids]
+        batches = assembler.batches
+        if batches:
+            frame_rows, frame_offset = self.frames.pixel_rows(assembler.fmt.pixel_dtype)
+            image_rows, image_offset = images.pixel_rows(config.image_dtype)
+            frame_slots = (ids % self.frames.n_slots * config.n_modules).astype(np.intp)
+            image_slots = (ids % images.n_slots).astype(np.intp)
+        n_packets = assembler.fmt.n_packets
+        placed = held == ids[:, None]
+        for module in range(config.n_modules):
+            for k in np.flatnonzero(~placed[:, module]):
+                assembler.clear_module(module, targets[k])
+                # a newer frame in the slot: the assembler was too late; an older one or
+                # none: this module's frame never came
+                late = int(ids[k]) < int(held[k, module]) < INVALID_ID
+                statuses[k] |= ImageStatus.ID_MISMATCH if late else ImageStatus.MISSING_MODULES
+            members = np.flatnonzero(placed[:, module])
+            for k in members:
+                record = self.frames.module_frame(int(ids[k]), module)
+                if int(record["n_recv_packets"]) < n_packets:
+                    statuses[k] |= ImageStatus.MISSING_PACKETS
+            if not len(members):
+                continue
+            if batches:
+                assembler.place_frames(
+                    module, (frame_rows, frame_slots[members] + module, frame_offset),
+                    (image_rows, image_slots[members], image_offset))
+            else:
+                for k in members:
+                    assembler.place_module(module, self.frames.frame(int(ids[k]), module),
+                                           targets[k])
+        published = []
+        meta = self._meta
+        for k, raw in enumerate(raws):
+            if (self.frames.frame_ids(int(ids[k]))[placed[k]] != ids[k]).any():
+                statuses[k] |= ImageStatus.ID_MISMATCH
+            meta["id"], meta["status"] = ids[k], statuses[k]
+            meta["user_1"], meta["user_2"] = raw["pulse_id"], raw["daq_rec"]
+            images.commit(meta)
+            published.append(meta.tobytes())
+            self.images += 1
+            self.flagged += bool(statuses[k])
+        return published
 
 
 def main(argv: list[str] | None = None) -> int:

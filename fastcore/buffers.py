@@ -204,6 +204,15 @@ class _SlotRing:
     def name(self) -> str:
         return self.segment.name
 
+    def pixel_rows(self, dtype) -> tuple[np.ndarray, int]:
+        """The whole ring as one C-contiguous 2-D array of ``dtype``, one row per frame
+        (``slot * n_modules + module``; images have one module), and the column where the
+        pixels start: the batched assembler kernels reach any slot through it."""
+        itemsize = np.dtype(dtype).itemsize
+        n_frames = self.n_slots * int(self.segment.header["n_modules"])
+        rows = self._slots.reshape(n_frames, -1).view(dtype)
+        return rows, self.meta_bytes // itemsize
+
     def close(self) -> None:
         self._slots = None
         self.segment.close()

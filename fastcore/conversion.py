@@ -2,9 +2,10 @@
 
 ``value = (adc - pedestal[stage]) / gain[stage]`` with stage 0, 1, 2 for gain bits 00, 01,
 11 (the invalid 10 is treated as stage 2, as PSI's jungfrau_utils does). The calibration is
-held per module as (3, 512, 1024, 2) float32 = (pedestal, 1/gain) side by side, so a pixel
-in stage 0 touches 8 contiguous calibration bytes. The conversion itself is the numba
-kernel ``kernels.convert_rows``; ``convert_reference`` is the plain numpy version.
+held per module as (2, 3, 512, 1024) float32: pedestals and 1/gain, each as three planes
+(stages 0, 1, 2), so the kernel streams the stage-0 planes for every pixel and touches the
+stage-1/2 planes only for rows that need them. The conversion itself is the numba kernel
+``kernels.convert_rows``; ``convert_reference`` is the plain numpy version.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _load_array(path: str, field: str) -> np.ndarray:
 
 
 def load_calibration(config: DetectorConfig) -> list[np.ndarray]:
-    """Per-module (3, 512, 1024, 2) float32 arrays of (pedestal, 1/gain).
+    """Per-module (2, 3, 512, 1024) float32 arrays: pedestal and 1/gain per gain stage.
 
     ``pedestal_file`` and ``gain_file`` are .npy or HDF5 (dataset ``gains``) arrays of shape
     (3, n_modules * 512, 1024), modules stacked along the rows.
@@ -53,9 +54,9 @@ def load_calibration(config: DetectorConfig) -> list[np.ndarray]:
     rows = JUNGFRAU_MODULE_SHAPE[0]
     modules = []
     for m in range(config.n_modules):
-        calibration = np.empty((3, rows, JUNGFRAU_MODULE_SHAPE[1], 2), np.float32)
-        calibration[..., 0] = arrays["pedestal_file"][:, m * rows : (m + 1) * rows]
-        calibration[..., 1] = 1.0 / gain[:, m * rows : (m + 1) * rows]
+        calibration = np.empty((2, 3, rows, JUNGFRAU_MODULE_SHAPE[1]), np.float32)
+        calibration[0] = arrays["pedestal_file"][:, m * rows : (m + 1) * rows]
+        calibration[1] = 1.0 / gain[:, m * rows : (m + 1) * rows]
         modules.append(calibration)
     return modules
 

@@ -45,6 +45,11 @@ class ModuleFormat:
         return self.n_packets * self.payload_bytes
 
     @property
+    def pixel_dtype(self) -> np.dtype:
+        """Pixel type on the wire (Eiger 4-bit pixels are packed two per byte)."""
+        return np.dtype(f"<u{max(self.pixel_bits // 8, 1)}")
+
+    @property
     def packet_bytes(self) -> int:
         return self.header.itemsize + self.payload_bytes
 

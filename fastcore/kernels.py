@@ -1,10 +1,18 @@
-"""numba kernels of the assembler: place a module's rows onto the image, raw or converted.
+"""numba kernels of the assembler: place module rows onto images, raw or converted.
 
 A module's placement is a row plan (``geometry.row_plan``): one line per module row and
 destination row, holding the row's pieces (one per chip when chip gaps are inserted).
-Lines run in parallel (numba threads). Pieces are handled through 1-D row views indexed
-from 0, which keeps numba free of negative-index checks; the usual +1 column step gets its
-own contiguous view, so copies and the stage-0 conversion compile to vector loops.
+Lines run in parallel (numba threads).
+
+Both kernels place a batch of frames of one module at once. Frames and images are reached
+as rows of 2-D arrays (``FrameBuffer.pixel_rows`` / ``ImageBuffer.pixel_rows``, or a single
+frame and image reshaped to one row each), described by a ``Rows`` triple
+``(rows, offset, width)``: frame ``k`` of the batch is row ``rows[k]``, its pixels start at
+column ``offset`` and hold ``width`` pixels per module (image) row. Batching matters for
+the conversion: a line's calibration is read from memory once per batch, not per frame.
+
+Pieces are handled through 1-D contiguous views indexed from 0, which keeps numba free of
+negative-index checks and lets the loops compile to vector code.
 """
 
 from __future__ import annotations
@@ -14,49 +22,75 @@ import numpy as np
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def place_rows(src, dst, plan):  # pragma: no cover - compiled
-    """Copy every plan line of ``src`` (module pixels) onto ``dst`` (the image)."""
+def place_rows(src, src_rows, src_offset, src_width, dst, dst_rows, dst_offset, dst_width,
+               plan):  # pragma: no cover - compiled
+    """Copy every plan line of each frame of the batch onto its image."""
     for k in numba.prange(plan.shape[0]):
         sr, sc, dr, dc, n, step, pieces, pitch = (
             plan[k, 0], plan[k, 1], plan[k, 2], plan[k, 3], plan[k, 4], plan[k, 5],
             plan[k, 6], plan[k, 7])
-        for i in range(pieces):
-            s0, d0 = sc + i * n, dc + i * pitch
-            if step == 1:
-                dst[dr, d0:d0 + n] = src[sr, s0:s0 + n]
-            else:
-                dst[dr, d0 - n + 1:d0 + 1] = src[sr, s0:s0 + n][::-1]
+        s_row = src_offset + sr * src_width
+        d_row = dst_offset + dr * dst_width
+        for f in range(src_rows.shape[0]):
+            line = src[src_rows[f], s_row:s_row + src_width]
+            out = dst[dst_rows[f], d_row:d_row + dst_width]
+            for i in range(pieces):
+                s0, d0 = sc + i * n, dc + i * pitch
+                if step == 1:
+                    out[d0:d0 + n] = line[s0:s0 + n]
+                else:
+                    out[d0 - n + 1:d0 + 1] = line[s0:s0 + n][::-1]
 
 
 @numba.njit(inline="always")
-def _convert_piece(pixels, calibration, row, col, out):  # pragma: no cover - compiled
-    stage0 = calibration[0, row, col:col + pixels.shape[0]]
-    for j in range(pixels.shape[0]):
-        out[j] = (np.float32(pixels[j] & 0x3FFF) - stage0[j, 0]) * stage0[j, 1]
+def _convert_piece(pixels, p0, i0, p1, i1, p2, i2, out):  # pragma: no cover - compiled
+    """Convert one piece: a vector pass as gain stage 0, then, only if a pixel of the piece
+    is in stage 1 or 2, a branch-free vector pass selecting stage 1 or 2 (``p``: pedestals,
+    ``i``: 1/gain of stages 0, 1, 2)."""
+    bits = 0
     for j in range(pixels.shape[0]):
         value = pixels[j]
-        if value >= 0x4000:
-            stage = 1 if (value >> 14) == 1 else 2
-            pair = calibration[stage, row, col + j]
-            out[j] = (np.float32(value & 0x3FFF) - pair[0]) * pair[1]
+        bits |= value
+        out[j] = (np.float32(value & 0x3FFF) - p0[j]) * i0[j]
+    if bits < 0x4000:
+        return
+    for j in range(pixels.shape[0]):
+        value = pixels[j]
+        code = value >> 14
+        a1, a2, b1, b2 = p1[j], p2[j], i1[j], i2[j]  # unconditional loads: vectorisable
+        pedestal = a1 if code == 1 else a2
+        factor = b1 if code == 1 else b2
+        converted = (np.float32(value & 0x3FFF) - pedestal) * factor
+        out[j] = out[j] if code == 0 else converted
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def convert_rows(src, calibration, dst, plan):  # pragma: no cover - compiled
-    """Jungfrau conversion while placing: ``(adc - pedestal[stage]) / gain[stage]``.
+def convert_rows(src, src_rows, src_offset, src_width, calibration, dst, dst_rows, dst_offset,
+                 dst_width, plan):  # pragma: no cover - compiled
+    """Jungfrau conversion while placing: ``(adc - pedestal[stage]) * (1/gain[stage])``.
 
-    ``calibration`` is (3, rows, cols, 2) float32 of (pedestal, 1/gain) in module
-    coordinates. Each piece is first converted as gain stage 0 (a vector loop), then the
-    pixels in stage 1 or 2 (gain bits 01, 11; the invalid 10 counts as 2) are redone.
+    ``calibration`` is (2, 3, rows, cols) float32: pedestal and 1/gain of gain stages 0, 1,
+    2 (gain bits 00, 01, 11; the invalid 10 counts as 2) in module coordinates.
     """
     for k in numba.prange(plan.shape[0]):
         sr, sc, dr, dc, n, step, pieces, pitch = (
             plan[k, 0], plan[k, 1], plan[k, 2], plan[k, 3], plan[k, 4], plan[k, 5],
             plan[k, 6], plan[k, 7])
+        s_row = src_offset + sr * src_width
+        d_row = dst_offset + dr * dst_width
         for i in range(pieces):
             s0, d0 = sc + i * n, dc + i * pitch
-            pixels = src[sr, s0:s0 + n]
-            if step == 1:
-                _convert_piece(pixels, calibration, sr, s0, dst[dr, d0:d0 + n])
-            else:
-                _convert_piece(pixels, calibration, sr, s0, dst[dr, d0 - n + 1:d0 + 1][::-1])
+            p0 = calibration[0, 0, sr, s0:s0 + n]
+            p1 = calibration[0, 1, sr, s0:s0 + n]
+            p2 = calibration[0, 2, sr, s0:s0 + n]
+            i0 = calibration[1, 0, sr, s0:s0 + n]
+            i1 = calibration[1, 1, sr, s0:s0 + n]
+            i2 = calibration[1, 2, sr, s0:s0 + n]
+            for f in range(src_rows.shape[0]):
+                pixels = src[src_rows[f], s_row + s0:s_row + s0 + n]
+                out = dst[dst_rows[f], d_row:d_row + dst_width]
+                if step == 1:
+                    _convert_piece(pixels, p0, i0, p1, i1, p2, i2, out[d0:d0 + n])
+                else:
+                    _convert_piece(pixels, p0, i0, p1, i1, p2, i2,
+                                   out[d0 - n + 1:d0 + 1][::-1])

@@ -29,11 +29,17 @@ def random_calibration(shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def packed(pedestal: np.ndarray, gain: np.ndarray) -> np.ndarray:
-    """(3, rows, cols, 2) float32 of (pedestal, 1/gain), as load_calibration holds it."""
-    calibration = np.empty((*pedestal.shape, 2), np.float32)
-    calibration[..., 0] = pedestal
-    calibration[..., 1] = 1.0 / gain
-    return calibration
+    """(2, 3, rows, cols) float32: pedestal and 1/gain, as load_calibration holds them."""
+    return np.stack([pedestal, 1.0 / gain]).astype(np.float32)
+
+
+ONE = np.zeros(1, np.intp)
+
+
+def place(raw, image, blocks):
+    """Run the raw placement kernel for one frame over ``blocks``."""
+    place_rows(raw.reshape(1, -1), ONE, 0, raw.shape[1], image.reshape(1, -1), ONE, 0,
+               image.shape[1], row_plan(blocks, image.shape))
 
 
 def test_reference_follows_the_documented_formula():
@@ -51,8 +57,10 @@ def test_reference_follows_the_documented_formula():
 
 
 def convert(raw, calibration, image, blocks):
-    """Run the assembler's numba kernel over ``blocks`` of (source, destination) slices."""
-    convert_rows(raw, calibration, image, row_plan(blocks, image.shape))
+    """Run the assembler's numba kernel for one frame over ``blocks`` of (source,
+    destination) slices."""
+    convert_rows(raw.reshape(1, -1), ONE, 0, raw.shape[1], calibration, image.reshape(1, -1),
+                 ONE, 0, image.shape[1], row_plan(blocks, image.shape))
 
 
 FULL = (slice(0, 512), slice(0, 1024))
@@ -90,7 +98,7 @@ def test_numba_kernels_into_flipped_destinations(dest):
     untouched[dest] = False
     assert (image[untouched] == -7.0).all()
     raw_image = np.zeros(image.shape, np.uint16)
-    place_rows(raw, raw_image, row_plan([(FULL, dest)], image.shape))
+    place(raw, raw_image, [(FULL, dest)])
     np.testing.assert_array_equal(raw_image[dest], raw)
     assert not raw_image[untouched].any()
 
@@ -112,6 +120,37 @@ def test_numba_kernel_on_chips_with_gaps():
     for source, dest in blocks:
         np.testing.assert_array_equal(out[dest], expected[source])
     assert not out[:, 256:258].any() and not out[256:258].any()  # the gaps stay 0
+
+
+def test_batch_of_frames_into_ring_rows():
+    """One kernel call places several frames, each from its own row of a frame ring (after
+    a metadata prefix) into its own row of an image ring, flipped, in any order."""
+    frames = [random_raw((512, 1024)) for _ in range(3)]
+    frames[1] &= np.uint16(0x3FFF)  # a frame with every pixel in gain stage 0
+    offset = 32  # pixels before each frame: the ModuleFrame record
+    ring = np.zeros((5, offset + 512 * 1024), np.uint16)
+    for row, frame in zip((4, 0, 2), frames, strict=True):
+        ring[row, offset:] = frame.ravel()
+    image_offset, shape = 64, (520, 1030)
+    images = np.full((4, image_offset + shape[0] * shape[1]), -5.0, np.float32)
+    raw_images = np.zeros((4, image_offset + shape[0] * shape[1]), np.uint16)
+    pedestal, gain = random_calibration((512, 1024))
+    dest = (slice(515, 3, -1), slice(2, 1026))
+    plan = row_plan([(FULL, dest)], shape)
+    src_rows, dst_rows = np.array([4, 0, 2], np.intp), np.array([3, 1, 0], np.intp)
+    convert_rows(ring, src_rows, offset, 1024, packed(pedestal, gain), images, dst_rows,
+                 image_offset, shape[1], plan)
+    place_rows(ring, src_rows, offset, 1024, raw_images, dst_rows, image_offset, shape[1],
+               plan)
+    for frame, row in zip(frames, dst_rows, strict=True):
+        image = images[row, image_offset:].reshape(shape)
+        np.testing.assert_array_equal(image[dest], convert_reference(frame, pedestal, gain))
+        outside = np.ones(shape, bool)
+        outside[dest] = False
+        assert (image[outside] == -5.0).all()
+        np.testing.assert_array_equal(raw_images[row, image_offset:].reshape(shape)[dest],
+                                      frame)
+    assert (images[2] == -5.0).all() and (images[:, :image_offset] == -5.0).all()
 
 
 # --- load_calibration --------------------------------------------------------------------
@@ -146,11 +185,11 @@ def test_load_calibration(tmp_path, ext):
     modules = load_calibration(config)
     assert len(modules) == n_modules
     for m, calibration in enumerate(modules):
-        assert calibration.shape == (3, 512, 1024, 2)
+        assert calibration.shape == (2, 3, 512, 1024)
         assert calibration.dtype == np.float32
         rows = slice(m * 512, (m + 1) * 512)
-        np.testing.assert_array_equal(calibration[..., 0], pedestal[:, rows])
-        np.testing.assert_allclose(calibration[..., 1], 1.0 / gain[:, rows], rtol=1e-6)
+        np.testing.assert_array_equal(calibration[0], pedestal[:, rows])
+        np.testing.assert_allclose(calibration[1], 1.0 / gain[:, rows], rtol=1e-6)
     # the loaded calibration converts like the reference
     raw = random_raw((512, 1024))
     out = np.empty(raw.shape, np.float32)

@@ -51,7 +51,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import zmq
 
-from fastcore.buffers import FrameBuffer, shm_name
+from fastcore.buffers import SHM_DIR_ENV, FrameBuffer, shm_dir, shm_name
 from fastcore.config import DetectorConfig, parse_config
 from fastcore.detectors import module_format
 from fastcore.formats import JUNGFRAU_HEADER, MODULE_FRAME
@@ -120,6 +120,65 @@ def _set_rcvbuf(sock: socket.socket, size: int) -> int:
     except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     return _granted(sock)
+
+
+# --- huge pages for the buffers ---------------------------------------------------------
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
+
+
+@contextlib.contextmanager
+def huge_page_shm(size_mib: int):
+    """Put the stddaq buffers (``$STDDAQ_SHM_DIR``) on a tmpfs with ``huge=always``, in a
+    private mount namespace of this process and its children: the machine's mounts and
+    settings stay untouched, and the mount goes away with the processes. Needs root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                           ctypes.c_ulong, ctypes.c_char_p]
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            err = ctypes.get_errno()
+            raise SystemExit(f"--huge-pages: {what} failed: {os.strerror(err)} (needs root)")
+
+    directory = tempfile.mkdtemp(prefix="stddaq-huge-")
+    try:
+        check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None),
+              "making the mounts private")
+        check(libc.mount(b"tmpfs", directory.encode(), b"tmpfs", 0,
+                         f"huge=always,size={size_mib}m,mode=1777".encode()),
+              f"mounting a huge=always tmpfs on {directory}")
+        previous = os.environ.get(SHM_DIR_ENV)
+        os.environ[SHM_DIR_ENV] = directory
+        try:
+            yield directory
+        finally:
+            if previous is None:
+                os.environ.pop(SHM_DIR_ENV, None)
+            else:
+                os.environ[SHM_DIR_ENV] = previous
+            libc.umount2(directory.encode(), 2)  # MNT_DETACH
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def shm_pages() -> str:
+    """Where the buffers live and their page size (for the report)."""
+    directory = os.path.realpath(shm_dir())
+    point, options = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            mount_point, _, mount_options = line.split()[1:4]
+            inside = directory == mount_point or directory.startswith(
+                mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) >= len(point):
+                point, options = mount_point, mount_options
+    huge = next((o for o in options.split(",") if o.startswith("huge=")), "huge=never")
+    pages = "2 MiB" if huge in ("huge=always", "huge=within_size") else "4 KiB"
+    return f"{directory} ({huge}: {pages} pages)"
 
 
 # --- sender process -------------------------------------------------------------------
@@ -622,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gso", action=argparse.BooleanOptionalAction, default=True,
                         help="send with UDP GSO (default: on): the same datagrams reach the "
                         "receivers, the sender pays the IP path once per 7 packets")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="put the FrameBuffer on a tmpfs mounted with huge=always (2 MiB "
+                        "pages), in a private mount namespace (needs root); default: "
+                        "$STDDAQ_SHM_DIR or /dev/shm as they are")
     parser.add_argument("--pin", action="store_true",
                         help="pin the sender to CPU 0 and the receiving processes to CPU 1")
     args = parser.parse_args(argv)
@@ -639,7 +702,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(r < 0 for r in rates) or step_s <= 0 or sustained_s < 0 or repeats < 0:
         parser.error("rates, durations and repeats must be >= 0 (steps > 0)")
     logging.basicConfig(level=logging.WARNING)
+    if args.huge_pages:
+        with huge_page_shm(2 * args.frame_slots + 64):
+            return run(args, rates, step_s, sustained_s, repeats)
+    return run(args, rates, step_s, sustained_s, repeats)
 
+
+def run(args: argparse.Namespace, rates: list[float], step_s: float, sustained_s: float,
+        repeats: int) -> int:
+    """The benchmark proper (buffers in ``shm_dir()``)."""
     with open("/proc/sys/net/core/rmem_max") as f:
         rmem_max = int(f.read())
     bench = Bench(args)
@@ -647,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{FRAME_BYTES / 2**20:.0f} MiB payload per frame) on {HOST}; "
           f"{os.cpu_count()} CPUs; {'pinned' if args.pin else 'not pinned'}; sender "
           f"{'sendmmsg + UDP GSO' if args.gso else 'sendmmsg'}", flush=True)
+    print(f"  FrameBuffer in {shm_pages()}", flush=True)
     print(f"  net.core.rmem_max = {rmem_max} B ({rmem_max / 2**20:.1f} MiB); sockets ask "
           f"{bench.rcvbuf / 2**20:.0f} MiB with SO_RCVBUFFORCE (uid {os.getuid()}; only root "
           "passes rmem_max)", flush=True)
@@ -700,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     figures.update({"quick": args.quick, "interrupted": interrupted, "step_seconds": step_s,
                     "rmem_max_bytes": rmem_max, "rcvbuf_asked_bytes": bench.rcvbuf,
                     "pinned": args.pin, "gso_sender": args.gso,
+                    "huge_pages": args.huge_pages, "shm": shm_pages(),
                     "steps": [s.summary() for s in steps + backlog]})
     sys.stdout.flush()
     print(json.dumps({"benchmark": "bench_receive", **figures}), flush=True)

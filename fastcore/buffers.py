@@ -1,4 +1,4 @@
-"""FrameBuffer and ImageBuffer: slot rings on POSIX shared memory (``/dev/shm``).
+"""FrameBuffer and ImageBuffer: slot rings on shared memory (/dev/shm or $STDDAQ_SHM_DIR).
 
 A segment starts with a 4 KiB header (``formats.SHM_HEADER``) so consumers attach by name
 alone; then ``n_slots`` slots, ``slot = id % n_slots``. Each slot holds a metadata record
@@ -30,7 +30,16 @@ from fastcore.formats import (
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
+SHM_DIR_ENV = "STDDAQ_SHM_DIR"
+DEFAULT_SHM_DIR = "/dev/shm"
+
+
+def shm_dir() -> str:
+    """Directory of the buffers: ``$STDDAQ_SHM_DIR`` or /dev/shm. Every process of one
+    detector must see the same one. A tmpfs mounted with ``huge=always`` there gives the
+    buffers 2 MiB pages, which makes receiving straight into them much cheaper
+    (docs/operations.md)."""
+    return os.environ.get(SHM_DIR_ENV) or DEFAULT_SHM_DIR
 _PAGE = 4096
 _IMAGE_META_BYTES = 128  # ImageMetadata (72 B) padded to two cache lines
 
@@ -77,7 +86,7 @@ class SharedSegment:
 
     def __init__(self, name: str, fd: int, size: int, owner: bool, writable: bool):
         self.name = name
-        self.path = os.path.join(SHM_DIR, name)
+        self.path = os.path.join(shm_dir(), name)
         self.owner = owner
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
@@ -94,7 +103,7 @@ class SharedSegment:
     @classmethod
     def create(cls, name: str, size: int, **header: int | bytes) -> SharedSegment:
         """Create the segment; a leftover of a dead creator is replaced (and logged)."""
-        path = os.path.join(SHM_DIR, name)
+        path = os.path.join(shm_dir(), name)
         if os.path.exists(path):
             pid = _read_creator_pid(path)
             if pid is not None and pid != os.getpid() and _pid_alive(pid):
@@ -120,7 +129,7 @@ class SharedSegment:
 
     @classmethod
     def attach(cls, name: str, writable: bool = False) -> SharedSegment:
-        path = os.path.join(SHM_DIR, name)
+        path = os.path.join(shm_dir(), name)
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError:
@@ -176,7 +185,7 @@ def _read_creator_pid(path: str) -> int | None:
 
 def segment_alive(name: str) -> bool:
     """True when the segment exists and the process that created it is still running."""
-    pid = _read_creator_pid(os.path.join(SHM_DIR, name))
+    pid = _read_creator_pid(os.path.join(shm_dir(), name))
     return pid is not None and _pid_alive(pid)
 
 
@@ -365,6 +374,16 @@ class FrameBuffer(_SlotRing):
     def frame(self, frame_id: int, module: int) -> np.ndarray:
         """Zero-copy uint8 view of the module's frame bytes in the slot of ``frame_id``."""
         return self._frames[self.slot(frame_id), module]
+
+    def record_words(self, module: int) -> np.ndarray:
+        """(n_slots, 8) uint64 view of one module's ModuleFrame records (fields in
+        MODULE_FRAME order, ``id`` first): the receiver writes a record with two stores."""
+        assert MODULE_FRAME.itemsize == 64 and all(
+            MODULE_FRAME[name] == np.dtype("<u8") for name in MODULE_FRAME.names)
+        array = self.segment.array
+        offset = SHM_HEADER_BYTES + module * self.module_bytes
+        return np.ndarray((self.n_slots, 8), np.uint64, buffer=array.data, offset=offset,
+                          strides=(self.slot_bytes, 8))
 
     def frame_ids(self, frame_id: int) -> np.ndarray:
         """Ids currently held by every module in the slot of ``frame_id`` (a copy)."""

@@ -72,10 +72,18 @@ class MessageVector:
         self.iovs["base"][:k, 1] = addresses
         self.iovs["len"][:k, 1] = lengths
 
-    def recv(self, fd: int, count: int) -> int:
+    def set_payload_addresses(self, addresses: np.ndarray) -> None:
+        """Point the payload iovecs of the first ``len(addresses)`` messages, lengths as
+        set before."""
+        self.iovs["base"][: len(addresses), 1] = addresses
+
+    def recv(self, fd: int, count: int, wait_all: bool = False) -> int:
         """Receive up to ``count`` datagrams; blocks for the first (SO_RCVTIMEO bounds it).
-        Returns the number received, 0 on timeout."""
-        n = _recvmmsg(fd, self._msgs_ptr, count, MSG_WAITFORONE, None)
+        With ``wait_all`` it blocks for each of the ``count`` datagrams instead, so a call
+        returns fewer only when the socket stayed empty for SO_RCVTIMEO: a receiver that is
+        faster than its stream then gets whole batches instead of paying its per-call
+        cost for a few datagrams. Returns the number received, 0 on timeout."""
+        n = _recvmmsg(fd, self._msgs_ptr, count, 0 if wait_all else MSG_WAITFORONE, None)
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):

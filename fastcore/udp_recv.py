@@ -91,6 +91,68 @@ class FramePlacer:
             [self.buffer.data_address(slot, self.module_id)
              for slot in range(self.buffer.n_slots)], np.uint64)
         self._payload_bytes = np.uint64(self.fmt.payload_bytes)
+        n_packets = self.fmt.n_packets
+        # the steady state, a whole frame per batch, uses these precomputed tables
+        self._packet_index = np.arange(n_packets, dtype=np.int64)
+        self._frame_addresses = self._slot_addresses[:, None] + (
+            self._packet_index.astype(np.uint64) * self._payload_bytes)
+        self._frame_addresses.flags.writeable = False
+        self._full_lengths = self.fmt.header.itemsize + np.where(
+            self._packet_index == n_packets - 1, self.fmt.last_payload_bytes,
+            self.fmt.payload_bytes).astype(np.uint32)
+        self._words = self.buffer.record_words(self.module_id)  # (n_slots, 8) uint64
+        self._record = np.zeros(8, np.uint64)  # the ModuleFrame being committed
+        self._record[5] = self.module_id
+        self._record[6:8] = self.origin
+        self._prepared: tuple[int, int | None] = (0, None)  # (count, whole frame id)
+
+    def batch_size(self, limit: int) -> int:
+        """Packets to ask for next: up to ``limit``, but not past the end of the frame
+        being received, so a receive call that waits for its whole batch never waits for
+        the next frame to complete this one."""
+        start = self.high + 1 if self.current is not None and self.is_open else 0
+        return max(1, min(limit, self.fmt.n_packets - start))
+
+    def prepare(self, count: int) -> np.ndarray:
+        """Addresses where the next ``count`` packets are expected (for the recvmmsg
+        iovecs); :meth:`accept` books the batch received there. In the steady state (the
+        last frame committed whole, the stream running, a batch of a whole frame) this is
+        a precomputed row of a table."""
+        if (count == self.fmt.n_packets and not self.is_open and not self.idle
+                and self.current is not None):
+            frame = self.current + 1
+            self._claim(frame)
+            self._prepared = (count, frame)
+            return self._frame_addresses[frame % self.buffer.n_slots]
+        self._prepared = (count, None)
+        return self.landing_addresses(*self.landing(count))
+
+    def accept(self, headers: np.ndarray, lengths: np.ndarray, flags: np.ndarray) -> None:
+        """Book a received batch (the first ``len(headers)`` of the prepared places)."""
+        count, frame = self._prepared
+        n = len(headers)
+        if (frame is not None and n == count and (self.fmt.frame_numbers(headers) == frame).all()
+                and np.array_equal(self.fmt.packet_numbers(headers), self._packet_index)
+                and np.array_equal(lengths, self._full_lengths)
+                and not (flags & MSG_TRUNC).any()):
+            self.stats.packets += n
+            self._open(frame, headers[0])
+            self.received[:] = True
+            self.n_received = n
+            self.high = n - 1
+            self._commit()
+            self.quiet_flushes = 0
+            return
+        land_frames, land_packets = self.landing(count)
+        addresses = self._frame_addresses[land_frames % self.buffer.n_slots, land_packets]
+        self.accept_landed(headers, lengths, flags, land_frames[:n], land_packets[:n],
+                           addresses[:n])
+
+    def _claim(self, frame: int) -> None:
+        """Mark the frame's slot as being rewritten (id INVALID) before packets land."""
+        if frame != self._claimed:
+            self._words[frame % self.buffer.n_slots, 0] = INVALID_ID
+            self._claimed = frame
 
     def landing(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(frame ids, packet indices) of the places where the next packets are expected."""
@@ -103,15 +165,13 @@ class FramePlacer:
     def landing_addresses(self, frames: np.ndarray, packets: np.ndarray) -> np.ndarray:
         """Addresses of the landing places; a slot is marked INVALID before first use."""
         for frame in {int(frames[0]), int(frames[-1])}:
-            if frame != self._claimed and not (frame == self.current and self.is_open):
-                self.buffer.module_frame(frame, self.module_id)["id"] = INVALID_ID
-                self._claimed = frame
-        slots = frames % self.buffer.n_slots
-        return self._slot_addresses[slots] + packets.astype(np.uint64) * self._payload_bytes
+            if not (frame == self.current and self.is_open):
+                self._claim(frame)
+        return self._frame_addresses[frames % self.buffer.n_slots, packets]
 
-    def accept(self, headers: np.ndarray, lengths: np.ndarray, flags: np.ndarray,
-               land_frames: np.ndarray, land_packets: np.ndarray,
-               addresses: np.ndarray) -> None:
+    def accept_landed(self, headers: np.ndarray, lengths: np.ndarray, flags: np.ndarray,
+                      land_frames: np.ndarray, land_packets: np.ndarray,
+                      addresses: np.ndarray) -> None:
         """Book a received batch that landed at ``addresses`` (from :meth:`landing`)."""
         fmt = self.fmt
         frames = fmt.frame_numbers(headers).astype(np.int64)
@@ -183,9 +243,7 @@ class FramePlacer:
                 self._commit()
 
     def _open(self, frame: int, header: np.void) -> None:
-        if self._claimed != frame:
-            self.buffer.module_frame(frame, self.module_id)["id"] = INVALID_ID
-            self._claimed = frame
+        self._claim(frame)
         self.current = frame
         self.is_open = True
         self.idle = False
@@ -207,13 +265,10 @@ class FramePlacer:
             rows[~self.received] = 0
             self.stats.incomplete_frames += 1
             self.stats.lost_packets += n_packets - n
-        record = self.buffer.module_frame(frame, self.module_id)
-        record["pulse_id"], record["daq_rec"] = self._fields
-        record["frame_index"] = frame
-        record["n_recv_packets"] = n
-        record["module_id"] = self.module_id
-        record["pos_y"], record["pos_x"] = self.origin
-        record["id"] = frame
+        record, words = self._record, self._words[frame % self.buffer.n_slots]
+        record[1], record[2], record[3], record[4] = self._fields[0], frame, self._fields[1], n
+        words[1:] = record[1:]
+        words[0] = frame  # the id last: readers see a whole ModuleFrame
         self.stats.frames += 1
         self.is_open = False
         self.high = n_packets - 1  # in-order packets now land in the next frame
@@ -253,26 +308,27 @@ class ModuleReceiver:
         push.setsockopt(zmq.LINGER, 2000)
         push.connect(self.frames_address)
 
+        words = buffer.record_words(self.module_id)
+
         def publish(frame_id: int) -> None:
-            push.send(buffer.module_frame(frame_id, self.module_id).tobytes())
+            push.send(words[frame_id % buffer.n_slots])
 
         placer = FramePlacer(fmt, buffer, self.module_id,
                              module_origin(config, self.module_id), publish)
         vector = MessageVector(self.batch, fmt.header.itemsize)
+        vector.set_payloads(np.zeros(self.batch, np.uint64), fmt.payload_bytes)
         headers = vector.headers.view(fmt.header)[:, 0]
+        lengths, flags = vector.msgs["len"], vector.msgs["flags"]
         fd, last_log, logged = sock.fileno(), time.monotonic(), None
         log.info("module %d receiving on udp %s:%d (%d packets of %d B per frame)",
                  self.module_id, *sock.getsockname(), fmt.n_packets, fmt.payload_bytes)
         try:
             while not self.stop_event.is_set():
-                land_frames, land_packets = placer.landing(self.batch)
-                addresses = placer.landing_addresses(land_frames, land_packets)
-                vector.set_payloads(addresses, fmt.payload_bytes)
-                n = vector.recv(fd, self.batch)
+                count = placer.batch_size(self.batch)
+                vector.set_payload_addresses(placer.prepare(count))
+                n = vector.recv(fd, count, wait_all=True)
                 if n:
-                    placer.accept(headers[:n], vector.msgs["len"][:n],
-                                  vector.msgs["flags"][:n], land_frames[:n],
-                                  land_packets[:n], addresses[:n])
+                    placer.accept(headers[:n], lengths[:n], flags[:n])
                 else:
                     placer.flush()
                 if time.monotonic() - last_log > 5 and placer.stats != logged:

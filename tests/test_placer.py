@@ -139,8 +139,7 @@ class Link:
 
     def _receive_batch(self, packets: list) -> None:
         placer, fmt = self.placer, self.fmt
-        land_frames, land_packets = placer.landing(self.batch)
-        addresses = placer.landing_addresses(land_frames, land_packets)
+        addresses = placer.prepare(self.batch)
         segment = self.buffer.segment.array
         n = len(packets)
         headers = np.zeros(n, fmt.header)
@@ -155,7 +154,7 @@ class Link:
                 landed, np.uint8)
             lengths[i] = fmt.header.itemsize + len(landed)
             flags[i] = flag | (MSG_TRUNC if len(payload) > fmt.payload_bytes else 0)
-        placer.accept(headers, lengths, flags, land_frames[:n], land_packets[:n], addresses[:n])
+        placer.accept(headers, lengths, flags)
 
     # --- checks --------------------------------------------------------------------------
 
@@ -244,6 +243,34 @@ def test_in_order_frames_any_batch_size(make_link, config, batch):
         link.check_frame(frame)
     assert link.stats()["frames"] == 5
     assert link.stats()["lost_packets"] == 0
+
+
+@detectors
+def test_whole_frame_batches_take_the_table_path(make_link, config, monkeypatch):
+    """Once running, a batch that is exactly the next frame is booked without the
+    general in-order or staged paths, and lands where the general path would put it."""
+    link = make_link(config, batch=link_packets(config))
+    general = []
+    for name in ("_accept_in_order", "_accept_staged"):
+        method = getattr(link.placer, name)
+        monkeypatch.setattr(link.placer, name,
+                            lambda *a, method=method, name=name: (general.append(name),
+                                                                  method(*a))[1])
+    link.receive([p for f in range(20, 26) for p in link.frame_packets(f)])
+    assert link.commits == list(range(20, 26))
+    for frame in range(20, 26):
+        link.check_frame(frame)
+    assert general == ["_accept_staged"]  # only the first frame, from idle
+    # and a wrong packet in a whole-frame batch falls back to the general path
+    packets = link.frame_packets(26)
+    packets[-2], packets[-1] = packets[-1], packets[-2]
+    link.receive(packets)
+    assert general[1:] and link.commits[-1] == 26
+    link.check_frame(26)
+
+
+def link_packets(config) -> int:
+    return module_format(config.detector_type, config.bit_depth, config.image_shape).n_packets
 
 
 @detectors
@@ -481,3 +508,15 @@ def test_straggler_after_flush_does_not_reopen_the_committed_frame(make_link, co
     link.receive(link.frame_packets(5))
     assert link.commits == [5, 5]
     link.check_frame(5)
+
+
+def test_batch_size_stops_at_the_end_of_the_frame(make_link):
+    """The receiver waits for whole batches, so a batch never asks past the open frame."""
+    link = make_link(JUNGFRAU, batch=128)
+    placer = link.placer
+    assert placer.batch_size(128) == 128  # idle: a whole frame
+    link.receive(link.frame_packets(3, range(50)), batch=50)
+    assert placer.is_open and placer.batch_size(128) == 78 and placer.batch_size(16) == 16
+    link.receive(link.frame_packets(3, range(50, 128)), batch=78)
+    assert link.commits == [3]
+    assert placer.batch_size(128) == 128  # committed: the next frame, whole

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastcore.buffers import SHM_DIR
+from fastcore.buffers import shm_dir
 from fastcore.config import ConfigError, load_config
 from fastcore.process import DEFAULT_IPC_DIR
 from services.supervisor import ServiceSpec, Supervisor
@@ -100,10 +100,11 @@ class Launcher:
         if leftovers:
             log.warning("killed processes that outlived their service: %s", leftovers)
         prefix = f"stddaq.{self.config.detector_name}."
-        for entry in os.listdir(SHM_DIR):
+        directory = shm_dir()
+        for entry in os.listdir(directory):
             if entry.startswith(prefix):
                 log.warning("removing shared memory %s left by a killed service", entry)
-                os.unlink(os.path.join(SHM_DIR, entry))
+                os.unlink(os.path.join(directory, entry))
 
     def supervise(self, stop: threading.Event) -> None:
         while not stop.wait(0.5):

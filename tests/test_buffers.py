@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -148,3 +150,29 @@ def test_leftover_of_a_crashed_creator_is_replaced_with_a_log_line(name, caplog)
         assert buffer.n_slots == 4 and buffer.n_modules == 1
     assert any("replacing leftover shared memory" in r.message for r in caplog.records)
     assert not shm_files(name)
+
+
+def test_buffers_follow_stddaq_shm_dir(tmp_path, monkeypatch):
+    """$STDDAQ_SHM_DIR moves every buffer (e.g. onto a huge-page tmpfs); another process
+    with the same setting attaches by name."""
+    monkeypatch.setenv("STDDAQ_SHM_DIR", str(tmp_path))
+    buffer_name = f"stddaq.t{uuid.uuid4().hex[:8]}.image"
+    with ImageBuffer.create(buffer_name, 4, (8, 16), np.uint16) as images:
+        assert os.path.exists(tmp_path / buffer_name)
+        assert not os.path.exists(f"/dev/shm/{buffer_name}")
+        view = images.begin_write(7)
+        view[:] = np.arange(128, dtype=np.uint16).reshape(8, 16)
+        meta = np.zeros((), IMAGE_METADATA)
+        meta["id"] = 7
+        images.commit(meta)
+        code = ("import sys; from fastcore.buffers import ImageBuffer\n"
+                f"with ImageBuffer.attach({buffer_name!r}) as b:\n"
+                "    print(int(b.read(7)[1].sum()))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, check=True, env=os.environ.copy())
+        assert out.stdout.strip() == str(sum(range(128)))
+        monkeypatch.delenv("STDDAQ_SHM_DIR")
+        with pytest.raises(BufferMissingError):
+            ImageBuffer.attach(buffer_name)  # not in /dev/shm
+        monkeypatch.setenv("STDDAQ_SHM_DIR", str(tmp_path))
+    assert not os.path.exists(tmp_path / buffer_name)  # the creator removed it

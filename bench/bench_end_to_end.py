@@ -173,7 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per rate step")
     parser.add_argument("--quick", action="store_true", help="1 s steps, fewer rates")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="buffers on a private huge=always tmpfs (as bench_receive; "
+                        "needs root)")
     args = parser.parse_args(argv)
+    if args.huge_pages:
+        with br.huge_page_shm(4096):
+            return run(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Both series of rate steps (buffers in ``shm_dir()``)."""
     rates = RATES[:4] if args.quick else RATES
     seconds = 1.0 if args.quick else args.seconds
     work = Path(tempfile.mkdtemp(prefix="stddaq-e2e-"))
@@ -184,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         port = br.free_udp_port()
         config, name = write_config(work, port)
-        print(f"1 Jungfrau module, {seconds:g} s per step, rates {rates} Hz")
+        print(f"1 Jungfrau module, {seconds:g} s per step, rates {rates} Hz; buffers in "
+              f"{br.shm_pages()}")
         recv = receive_only(parent, config, name, port, work, rates, seconds)
         e2e = end_to_end(parent, config, name, port, work, rates, seconds)
     finally:
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     receive_best, e2e_best = best(recv, "lost_packets"), best(e2e, "lost_images")
     figures = {
         "benchmark": "bench_end_to_end", "seconds_per_step": seconds, "rates_hz": rates,
+        "huge_pages": args.huge_pages, "shm": br.shm_pages(),
         "receive_only_best_zero_loss_hz": receive_best,
         "end_to_end_best_zero_loss_hz": e2e_best,
         "end_to_end_best_zero_loss_gbps": round(e2e_best * 2**20 / 1e9, 3),

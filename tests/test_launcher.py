@@ -26,8 +26,10 @@ pytestmark = pytest.mark.timeout(180)
 def launched(make_config, ipc_dir, tmp_path):
     out_dir = tmp_path / "data"
     out_dir.mkdir()
+    # 160 frame slots = 4 s at 40 Hz: enough for a restarted Python service (about 1 s on
+    # an idle machine, 2-3 s under the test suite's load) to find its frames still there
     path, raw = make_config("jungfrau_1m.json", output_root=str(out_dir),
-                            n_image_slots=200, n_frame_slots=64)
+                            n_image_slots=200, n_frame_slots=160)
     launcher = Proc(module_cmd("services.cli.run", str(path), "--simulate", "40",
                                "--ioc-prefix", f"T{uuid.uuid4().hex[:6]}:", "--ioc-port",
                                str(free_tcp_port()), "--ipc-dir", ipc_dir,
@@ -95,4 +97,4 @@ def test_a_killed_service_is_restarted_and_the_acquisition_still_ends_in_a_file(
         statuses = [int(s) for s in f[config.detector_name]["status"]]
     # images lost from the buffer are recorded as such; frames cut by the kill are flagged
     assert sum(bool(s & ImageStatus.NOT_IN_BUFFER) for s in statuses) == result["n_missing"]
-    assert statuses.count(0) >= 60, statuses  # a restart costs a few images, not the run
+    assert statuses.count(0) >= 60, str(statuses)  # a restart costs a few images, not the run

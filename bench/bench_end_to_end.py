@@ -80,9 +80,9 @@ def receive_only(sender, config: Path, name: str, port: int, work: Path, rates, 
             frame += sent
             packets = frames = 0
             while pull.poll(500):
-                record = np.frombuffer(pull.recv(), MODULE_FRAME)[0]
-                packets += int(record["n_recv_packets"])
-                frames += 1
+                records = np.frombuffer(pull.recv(), MODULE_FRAME)  # one or more
+                packets += int(records["n_recv_packets"].sum())
+                frames += len(records)
             lost = sent * 128 - packets
             results[rate] = {"sent": sent, "lost_packets": lost}
             print(f"  receive-only {rate:5d} Hz: {sent} frames sent, {lost} packets lost",

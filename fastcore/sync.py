@@ -119,8 +119,9 @@ def run(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     try:
         while not stop.is_set():
             if pull.poll(int(timeout_s * 200)):
-                record = np.frombuffer(pull.recv(), MODULE_FRAME)[0]
-                out = sync.add(record, time.monotonic())
+                now = time.monotonic()  # a message holds one or more ModuleFrames
+                out = [raw for record in np.frombuffer(pull.recv(), MODULE_FRAME)
+                       for raw in sync.add(record, now)]
             else:
                 out = sync.ready(time.monotonic())
             for raw in out:

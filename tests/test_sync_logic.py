@@ -1,12 +1,17 @@
-"""FrameSynchronizer (fastcore.sync): grouping module frames by id, without sockets."""
+"""FrameSynchronizer (fastcore.sync): grouping module frames by id; and the process loop."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+import zmq
 
+from fastcore.config import parse_config
 from fastcore.formats import MODULE_FRAME, RAW_METADATA, ImageStatus
-from fastcore.sync import FrameSynchronizer
+from fastcore.process import ipc_address
+from fastcore.sync import FrameSynchronizer, run
 
 N_PACKETS = 128
 
@@ -176,3 +181,38 @@ def test_id_restart_while_a_frame_waits_is_late():
     assert ids(out) == [11]  # frame 11 expired meanwhile
     assert statuses(out) == [ImageStatus.MISSING_MODULES]
     assert sync.pending == {}
+
+
+def test_the_sync_process_loop_takes_several_module_frames_per_message(tmp_path):
+    """Receivers batch their ModuleFrames when frames come fast: one ZMQ message may hold
+    several records, and sync releases every frame of it, in order."""
+    config = parse_config({
+        "detector_name": "SYNCMSG", "detector_type": "jungfrau", "n_modules": 2,
+        "bit_depth": 16, "image_pixel_height": 1024, "image_pixel_width": 1024,
+        "start_udp_port": 40000, "writer_user_id": 0,
+        "module_positions": {"0": [0, 0, 1023, 511], "1": [0, 512, 1023, 1023]}})
+    ctx = zmq.Context.instance()
+    raw_pull = ctx.socket(zmq.PULL)
+    raw_pull.bind(ipc_address(str(tmp_path), "SYNCMSG", "raw"))
+    stop = threading.Event()
+    thread = threading.Thread(target=run, args=(config, str(tmp_path), stop), daemon=True)
+    thread.start()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(ipc_address(str(tmp_path), "SYNCMSG", "frames"))
+    try:
+        module0 = np.array([module_frame(f, 0) for f in (5, 6, 7)], MODULE_FRAME)
+        module1 = np.array([module_frame(f, 1) for f in (5, 6, 7)], MODULE_FRAME)
+        push.send(module0.tobytes())  # three frames of module 0 in one message
+        for record in module1:
+            push.send(record.tobytes())
+        out = []
+        while len(out) < 3 and raw_pull.poll(5000):
+            out.append(np.frombuffer(raw_pull.recv(), RAW_METADATA)[0])
+        assert ids(out) == [5, 6, 7] and statuses(out) == [0, 0, 0]
+        assert [int(r["pulse_id"]) for r in out] == [1050, 1060, 1070]
+    finally:
+        stop.set()
+        thread.join(5)
+        push.close(0)
+        raw_pull.close(0)
+    assert not thread.is_alive()

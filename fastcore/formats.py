@@ -23,7 +23,8 @@ def _u64_struct(*names: str) -> np.dtype:
 MODULE_FRAME = _u64_struct(
     "id", "pulse_id", "frame_index", "daq_rec", "n_recv_packets", "module_id", "pos_y", "pos_x"
 )
-"""Per-module frame metadata, written by udp_recv into the FrameBuffer and sent to sync."""
+"""Per-module frame metadata, written by udp_recv into the FrameBuffer and sent to sync
+(a ZMQ message holds one or more consecutive records)."""
 
 RAW_METADATA = _u64_struct("id", "pulse_id", "frame_index", "daq_rec", "status")
 """One frame of all modules, sent by sync to the assembler."""

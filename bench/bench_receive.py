@@ -572,12 +572,16 @@ class Bench:
             os.kill(pid, signal.SIGSTOP)
         sender.send((port, rate, duration, max_frames, first_frame))
         messages: list[bytes] = []
+        records = 0
         first_msg = last_msg = sent_at = None
         started = last_report = time.perf_counter()
         try:
             while True:  # until sent, and everything received or the stream quiet
                 if kind == "receiver":
+                    seen = len(messages)
                     arrived = self._pull_all(messages, 20)
+                    # a message holds one or more ModuleFrames
+                    records += sum(len(m) for m in messages[seen:]) // MODULE_FRAME.itemsize
                     if arrived is not None:
                         last_msg = arrived
                         first_msg = first_msg or arrived
@@ -593,8 +597,8 @@ class Bench:
                         os.kill(pid, signal.SIGCONT)
                 if progress and now - last_report >= 5:
                     last_report = now
-                    print(f"    {now - started:5.1f} s: {len(messages)} frames received",
-                          flush=True)
+                    print(f"    {now - started:5.1f} s: {records} frames received "
+                          f"({len(messages)} messages)", flush=True)
                 if sent_at is None:
                     continue
                 if kind == "drain":
@@ -602,7 +606,7 @@ class Bench:
                     if snapshot[3] > sent_at:  # quiet after the sender was done: all in
                         break
                     time.sleep(0.05)
-                elif (len(messages) >= step.frames_sent
+                elif (records >= step.frames_sent
                       or now - max(sent_at, last_msg or 0.0) > 0.5):
                     break
         finally:

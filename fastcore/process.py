@@ -25,9 +25,18 @@ DEFAULT_IPC_DIR = os.environ.get("STDDAQ_IPC_DIR", "/tmp")
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s %(message)s"
 
 
+IPC_PATH_MAX = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
+
+
 def ipc_address(ipc_dir: str, detector_name: str, stream: str) -> str:
-    """ZMQ ipc address of one of a detector's internal streams."""
-    return f"ipc://{os.path.join(ipc_dir, f'stddaq-{detector_name}-{stream}')}"
+    """ZMQ ipc address of one of a detector's internal streams (ValueError when the socket
+    path is longer than a Unix socket allows)."""
+    path = os.path.join(ipc_dir, f"stddaq-{detector_name}-{stream}")
+    if len(path) > IPC_PATH_MAX:
+        raise ValueError(f"the ipc socket path {path} has {len(path)} characters, more than "
+                         f"the {IPC_PATH_MAX} a Unix socket allows: use a shorter --ipc-dir "
+                         "(or $STDDAQ_IPC_DIR)")
+    return f"ipc://{path}"
 
 
 def subscribe(ctx: zmq.Context, address: str) -> zmq.Socket:
@@ -62,7 +71,8 @@ def run_service(name: str, args: argparse.Namespace,
     try:
         config = load_config(args.config)
         body(config, stop)
-    except (ConfigError, ShmBufferError, OSError, ValueError, RuntimeError) as exc:
+    except (ConfigError, ShmBufferError, OSError, ValueError, RuntimeError,
+            zmq.ZMQError) as exc:
         log.debug("%s failed", name, exc_info=True)
         print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -81,3 +81,40 @@ def test_a_batch_equals_images_assembled_one_by_one(make_config, tmp_path, calib
     finally:
         assembler.close_buffers()
         frames.close()
+
+
+def test_ids_sharing_a_slot_are_assembled_one_after_the_other(make_config, tmp_path):
+    """A batch never writes two images into one ImageBuffer slot at once: such a batch is
+    assembled image by image, the older image flagged as overwritten in the FrameBuffer."""
+    path, _ = make_config("jungfrau_1m.json")
+    config = load_config(path)
+    frames = FrameBuffer.create(shm_name(config.detector_name, "frames"),
+                                config.n_frame_slots, config.n_modules,
+                                ImageAssembler(config).fmt.frame_bytes)
+    assembler = Assembler(config, str(tmp_path))
+    assembler.open_buffers()
+    try:
+        old, new = 7, 7 + config.n_image_slots  # one image slot, one frame slot
+        assert old % config.n_frame_slots == new % config.n_frame_slots
+        for module in range(config.n_modules):
+            pixels = module_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, new, module)
+            frames.frame(new, module)[:] = pixels.view(np.uint8).ravel()
+            record = frames._meta[frames.slot(new), module]
+            record["id"], record["n_recv_packets"] = new, 128
+        raws = np.zeros(2, RAW_METADATA)
+        raws["id"] = [old, new]
+        published = assembler.assemble(raws)
+        records = [np.frombuffer(m, assembler.image_buffer.metadata(new).dtype)[0]
+                   for m in published]
+        assert [int(r["id"]) for r in records] == [old, new]
+        assert [int(r["status"]) for r in records] == [ImageStatus.ID_MISMATCH, 0]
+        images = assembler.image_buffer
+        assert images.holds(new) and not images.holds(old)
+        expected = np.zeros(config.image_shape, config.image_dtype)
+        single = ImageAssembler(config)
+        for module in range(config.n_modules):
+            single.place_module(module, frames.frame(new, module), expected)
+        np.testing.assert_array_equal(images.image(new), expected)
+    finally:
+        assembler.close_buffers()
+        frames.close()

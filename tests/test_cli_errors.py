@@ -143,3 +143,13 @@ def test_capped_receive_buffer_is_logged_with_the_fix(make_config, tmp_path):
         assert "sysctl -w net.core.rmem_max=268435456" in receiver.output
     finally:
         assert receiver.stop() == 0
+
+
+@pytest.mark.parametrize("module", ["fastcore.sync", "fastcore.assembler"])
+def test_too_long_ipc_dir(module, make_config, tmp_path):
+    path, _ = make_config("jungfrau_1m.json")
+    long_dir = tmp_path / ("d" * 90)
+    long_dir.mkdir()
+    result = run(module, str(path), "--ipc-dir", str(long_dir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "more than the 107 a Unix socket allows: use a shorter --ipc-dir" in result.stderr

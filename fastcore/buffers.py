@@ -378,12 +378,9 @@ class FrameBuffer(_SlotRing):
     def record_words(self, module: int) -> np.ndarray:
         """(n_slots, 8) uint64 view of one module's ModuleFrame records (fields in
         MODULE_FRAME order, ``id`` first): the receiver writes a record with two stores."""
-        assert MODULE_FRAME.itemsize == 64 and all(
-            MODULE_FRAME[name] == np.dtype("<u8") for name in MODULE_FRAME.names)
-        array = self.segment.array
-        offset = SHM_HEADER_BYTES + module * self.module_bytes
-        return np.ndarray((self.n_slots, 8), np.uint64, buffer=array.data, offset=offset,
-                          strides=(self.slot_bytes, 8))
+        assert all(MODULE_FRAME[name] == np.dtype("<u8") for name in MODULE_FRAME.names)
+        per_module = self._slots.reshape(self.n_slots, self.n_modules, self.module_bytes)
+        return per_module[:, module, : MODULE_FRAME.itemsize].view(np.uint64)
 
     def frame_ids(self, frame_id: int) -> np.ndarray:
         """Ids currently held by every module in the slot of ``frame_id`` (a copy)."""

@@ -44,6 +44,11 @@ class ModuleFormat:
     def frame_bytes(self) -> int:
         return self.n_packets * self.payload_bytes
 
+    def payload_sizes(self, packets: np.ndarray) -> np.ndarray:
+        """Payload bytes of each packet index (the last packet of a frame may be shorter)."""
+        return np.where(packets == self.n_packets - 1, self.last_payload_bytes,
+                        self.payload_bytes)
+
     @property
     def pixel_dtype(self) -> np.dtype:
         """Pixel type on the wire (Eiger 4-bit pixels are packed two per byte)."""

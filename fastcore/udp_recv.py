@@ -94,24 +94,23 @@ class FramePlacer:
         self._claimed = -1  # frame id whose slot was last marked INVALID
         self._base = self.buffer.segment.array
         self._base_address = np.uint64(self._base.ctypes.data)
-        self._slot_addresses = np.array(
-            [self.buffer.data_address(slot, self.module_id)
-             for slot in range(self.buffer.n_slots)], np.uint64)
-        self._payload_bytes = np.uint64(self.fmt.payload_bytes)
-        n_packets = self.fmt.n_packets
-        # the steady state, a whole frame per batch, uses these precomputed tables
-        self._packet_index = np.arange(n_packets, dtype=np.int64)
-        self._frame_addresses = self._slot_addresses[:, None] + (
-            self._packet_index.astype(np.uint64) * self._payload_bytes)
+        slot_addresses = np.array([self.buffer.data_address(slot, self.module_id)
+                                   for slot in range(self.buffer.n_slots)], np.uint64)
+        # address of every (slot, packet) landing place; the steady state, a whole frame
+        # per batch, books a batch against a row of it and these expected values
+        self._packet_index = np.arange(self.fmt.n_packets, dtype=np.int64)
+        self._frame_addresses = slot_addresses[:, None] + (
+            self._packet_index.astype(np.uint64) * np.uint64(self.fmt.payload_bytes))
         self._frame_addresses.flags.writeable = False
-        self._full_lengths = self.fmt.header.itemsize + np.where(
-            self._packet_index == n_packets - 1, self.fmt.last_payload_bytes,
-            self.fmt.payload_bytes).astype(np.uint32)
+        self._full_lengths = (self.fmt.header.itemsize
+                              + self.fmt.payload_sizes(self._packet_index)).astype(np.uint32)
         self._words = self.buffer.record_words(self.module_id)  # (n_slots, 8) uint64
         self._record = np.zeros(8, np.uint64)  # the ModuleFrame being committed
         self._record[5] = self.module_id
         self._record[6:8] = self.origin
-        self._prepared: tuple[int, int | None] = (0, None)  # (count, whole frame id)
+        # what prepare() laid out: (whole frame id or None, landing frames, packets,
+        # addresses); the frames and packets of a whole frame are made only if needed
+        self._prepared: tuple = (None, None, None, self._frame_addresses[0])
 
     def batch_size(self, limit: int) -> int:
         """Packets to ask for next: up to ``limit``, but not past the end of the frame
@@ -129,29 +128,33 @@ class FramePlacer:
                 and self.current is not None):
             frame = self.current + 1
             self._claim(frame)
-            self._prepared = (count, frame)
-            return self._frame_addresses[frame % self.buffer.n_slots]
-        self._prepared = (count, None)
-        return self.landing_addresses(*self.landing(count))
+            addresses = self._frame_addresses[frame % self.buffer.n_slots]
+            self._prepared = (frame, None, None, addresses)
+            return addresses
+        frames, packets = self.landing(count)
+        addresses = self.landing_addresses(frames, packets)
+        self._prepared = (None, frames, packets, addresses)
+        return addresses
 
     def accept(self, headers: np.ndarray, lengths: np.ndarray, flags: np.ndarray) -> None:
         """Book a received batch (the first ``len(headers)`` of the prepared places)."""
-        count, frame = self._prepared
+        frame, land_frames, land_packets, addresses = self._prepared
         n = len(headers)
-        if (frame is not None and n == count and (self.fmt.frame_numbers(headers) == frame).all()
-                and np.array_equal(self.fmt.packet_numbers(headers), self._packet_index)
-                and np.array_equal(lengths, self._full_lengths)
-                and not (flags & MSG_TRUNC).any()):
-            self.stats.packets += n
-            self._open(frame, headers[0])
-            self.received[:] = True
-            self.n_received = n
-            self.high = n - 1
-            self._commit()
-            self.quiet_flushes = 0
-            return
-        land_frames, land_packets = self.landing(count)
-        addresses = self._frame_addresses[land_frames % self.buffer.n_slots, land_packets]
+        if frame is not None:
+            if (n == len(addresses) and (self.fmt.frame_numbers(headers) == frame).all()
+                    and np.array_equal(self.fmt.packet_numbers(headers), self._packet_index)
+                    and np.array_equal(lengths, self._full_lengths)
+                    and not (flags & MSG_TRUNC).any()):
+                self.stats.packets += n
+                self._open(frame, headers[0])
+                self.received[:] = True
+                self.n_received = n
+                self.high = n - 1
+                self._commit()
+                self.quiet_flushes = 0
+                return
+            land_frames = np.full(len(addresses), frame, np.int64)
+            land_packets = self._packet_index
         self.accept_landed(headers, lengths, flags, land_frames[:n], land_packets[:n],
                            addresses[:n])
 
@@ -183,8 +186,8 @@ class FramePlacer:
         fmt = self.fmt
         frames = fmt.frame_numbers(headers).astype(np.int64)
         packets = fmt.packet_numbers(headers)
-        sizes = np.where(packets == fmt.n_packets - 1, fmt.last_payload_bytes, fmt.payload_bytes)
-        good = (lengths == fmt.header.itemsize + sizes) & ((flags & MSG_TRUNC) == 0)
+        good = ((lengths == fmt.header.itemsize + fmt.payload_sizes(packets))
+                & ((flags & MSG_TRUNC) == 0))
         self.stats.packets += len(frames)
         if (not self.idle and good.all() and (frames == land_frames).all()
                 and (packets == land_packets).all()):

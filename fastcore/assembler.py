@@ -35,6 +35,10 @@ from fastcore.process import add_common_arguments, ipc_address, run_service
 
 log = logging.getLogger(__name__)
 
+# a batch of one: row 0 of a single frame or image (writable, like the assembler's own
+# row arrays, so warm_up compiles the kernel signature the batches use)
+_ROW_0 = np.zeros(1, np.intp)
+
 
 class ImageAssembler:
     """Pure assembly of module frames into an image array (no sockets, no processes)."""
@@ -85,18 +89,15 @@ class ImageAssembler:
         if not image.flags.c_contiguous:
             raise ValueError("place_module needs a C-contiguous image")
         pixels = self.module_pixels(frame)
-        one = np.zeros(1, np.intp)
-        self._place(module, (pixels.reshape(1, -1), one, 0), (image.reshape(1, -1), one, 0))
+        self.place_frames(module, (pixels.reshape(1, -1), _ROW_0, 0),
+                          (image.reshape(1, -1), _ROW_0, 0))
 
     def place_frames(self, module: int, frames: tuple[np.ndarray, np.ndarray, int],
                      images: tuple[np.ndarray, np.ndarray, int]) -> None:
-        """Place a batch of frames of ``module`` (only when :attr:`batches`): ``frames`` and
-        ``images`` are (2-D pixel rows, row of each batch member, first pixel column), as
-        ``pixel_rows`` of the FrameBuffer and ImageBuffer give them."""
-        self._place(module, frames, images)
-
-    def _place(self, module: int, frames: tuple[np.ndarray, np.ndarray, int],
-               images: tuple[np.ndarray, np.ndarray, int]) -> None:
+        """Place a batch of frames of ``module`` (only when :attr:`batches`, or decoded
+        pixels): ``frames`` and ``images`` are (2-D pixel rows, row of each batch member,
+        first pixel column), as ``pixel_rows`` of the FrameBuffer and ImageBuffer give
+        them."""
         src, src_rows, src_offset = frames
         dst, dst_rows, dst_offset = images
         src_width, dst_width = self.fmt.module_shape[1], self.config.image_shape[1]

@@ -21,14 +21,19 @@ import numba
 import numpy as np
 
 
+@numba.njit(inline="always")
+def _plan_line(plan, k):  # pragma: no cover - compiled
+    """Line ``k`` of a row plan as a tuple of geometry.ROW_PLAN_FIELDS."""
+    return (plan[k, 0], plan[k, 1], plan[k, 2], plan[k, 3], plan[k, 4], plan[k, 5],
+            plan[k, 6], plan[k, 7])
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def place_rows(src, src_rows, src_offset, src_width, dst, dst_rows, dst_offset, dst_width,
                plan):  # pragma: no cover - compiled
     """Copy every plan line of each frame of the batch onto its image."""
     for k in numba.prange(plan.shape[0]):
-        sr, sc, dr, dc, n, step, pieces, pitch = (
-            plan[k, 0], plan[k, 1], plan[k, 2], plan[k, 3], plan[k, 4], plan[k, 5],
-            plan[k, 6], plan[k, 7])
+        sr, sc, dr, dc, n, step, pieces, pitch = _plan_line(plan, k)
         s_row = src_offset + sr * src_width
         d_row = dst_offset + dr * dst_width
         for f in range(src_rows.shape[0]):
@@ -73,9 +78,7 @@ def convert_rows(src, src_rows, src_offset, src_width, calibration, dst, dst_row
     2 (gain bits 00, 01, 11; the invalid 10 counts as 2) in module coordinates.
     """
     for k in numba.prange(plan.shape[0]):
-        sr, sc, dr, dc, n, step, pieces, pitch = (
-            plan[k, 0], plan[k, 1], plan[k, 2], plan[k, 3], plan[k, 4], plan[k, 5],
-            plan[k, 6], plan[k, 7])
+        sr, sc, dr, dc, n, step, pieces, pitch = _plan_line(plan, k)
         s_row = src_offset + sr * src_width
         d_row = dst_offset + dr * dst_width
         for i in range(pieces):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,30 @@ def calibration_files(tmp_path):
                             "gain_file": str(tmp_path / "gain.npy")}
 
 
+@contextlib.contextmanager
+def assembler_on_buffers(config, ipc_dir):
+    """An Assembler with its buffers open over a FrameBuffer the test fills itself."""
+    frames = FrameBuffer.create(shm_name(config.detector_name, "frames"),
+                                config.n_frame_slots, config.n_modules,
+                                ImageAssembler(config).fmt.frame_bytes)
+    assembler = Assembler(config, str(ipc_dir))
+    assembler.open_buffers()
+    try:
+        yield frames, assembler
+    finally:
+        assembler.close_buffers()
+        frames.close()
+
+
+def store_frames(frames, config, image_id: int) -> None:
+    """What the receivers do: every module's frame (simulator content) and its record."""
+    for module in range(config.n_modules):
+        pixels = module_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, image_id, module)
+        frames.frame(image_id, module)[:] = pixels.view(np.uint8).ravel()
+        record = frames._meta[frames.slot(image_id), module]
+        record["id"], record["n_recv_packets"] = image_id, 128
+
+
 @pytest.mark.parametrize("converts", [False, True], ids=["raw", "converted"])
 def test_a_batch_equals_images_assembled_one_by_one(make_config, tmp_path, calibration_files,
                                                     converts):
@@ -36,20 +62,11 @@ def test_a_batch_equals_images_assembled_one_by_one(make_config, tmp_path, calib
     path, _ = make_config("jungfrau_1m.json", **(files if converts else {}))
     config = load_config(path)
     assert config.converts is converts
-    frames = FrameBuffer.create(shm_name(config.detector_name, "frames"),
-                                config.n_frame_slots, config.n_modules,
-                                ImageAssembler(config).fmt.frame_bytes)
-    assembler = Assembler(config, str(tmp_path))
-    assembler.open_buffers()
-    try:
+    with assembler_on_buffers(config, tmp_path) as (frames, assembler):
         ids = [40, 41, 42, 43, 44]
-        meta = frames._meta  # the receivers' side of the FrameBuffer
         for image_id in ids:
-            for module in range(config.n_modules):
-                pixels = module_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, image_id, module)
-                frames.frame(image_id, module)[:] = pixels.view(np.uint8).ravel()
-                record = meta[frames.slot(image_id), module]
-                record["id"], record["n_recv_packets"] = image_id, 128
+            store_frames(frames, config, image_id)
+        meta = frames._meta  # the receivers' side of the FrameBuffer
         meta[frames.slot(41), 1]["n_recv_packets"] = 100
         meta[frames.slot(42), 0]["id"] = INVALID_ID  # module 0 of image 42 never came
         meta[frames.slot(43), 1]["id"] = 43 + config.n_frame_slots  # already overwritten
@@ -78,9 +95,6 @@ def test_a_batch_equals_images_assembled_one_by_one(make_config, tmp_path, calib
             np.testing.assert_array_equal(
                 images.image(44)[dest],
                 convert_reference(raw, pedestal[:, :512], gain[:, :512])[source])
-    finally:
-        assembler.close_buffers()
-        frames.close()
 
 
 def test_ids_sharing_a_slot_are_assembled_one_after_the_other(make_config, tmp_path):
@@ -88,19 +102,10 @@ def test_ids_sharing_a_slot_are_assembled_one_after_the_other(make_config, tmp_p
     assembled image by image, the older image flagged as overwritten in the FrameBuffer."""
     path, _ = make_config("jungfrau_1m.json")
     config = load_config(path)
-    frames = FrameBuffer.create(shm_name(config.detector_name, "frames"),
-                                config.n_frame_slots, config.n_modules,
-                                ImageAssembler(config).fmt.frame_bytes)
-    assembler = Assembler(config, str(tmp_path))
-    assembler.open_buffers()
-    try:
+    with assembler_on_buffers(config, tmp_path) as (frames, assembler):
         old, new = 7, 7 + config.n_image_slots  # one image slot, one frame slot
         assert old % config.n_frame_slots == new % config.n_frame_slots
-        for module in range(config.n_modules):
-            pixels = module_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, new, module)
-            frames.frame(new, module)[:] = pixels.view(np.uint8).ravel()
-            record = frames._meta[frames.slot(new), module]
-            record["id"], record["n_recv_packets"] = new, 128
+        store_frames(frames, config, new)
         raws = np.zeros(2, RAW_METADATA)
         raws["id"] = [old, new]
         published = assembler.assemble(raws)
@@ -115,6 +120,3 @@ def test_ids_sharing_a_slot_are_assembled_one_after_the_other(make_config, tmp_p
         for module in range(config.n_modules):
             single.place_module(module, frames.frame(new, module), expected)
         np.testing.assert_array_equal(images.image(new), expected)
-    finally:
-        assembler.close_buffers()
-        frames.close()

@@ -40,6 +40,15 @@ def shm_dir() -> str:
     buffers 2 MiB pages, which makes receiving straight into them much cheaper
     (docs/operations.md)."""
     return os.environ.get(SHM_DIR_ENV) or DEFAULT_SHM_DIR
+
+
+def _segment_path(name: str) -> str:
+    """Path of a segment; ShmBufferError when the buffers' directory does not exist."""
+    directory = shm_dir()
+    if not os.path.isdir(directory):
+        raise ShmBufferError(f"the buffer directory {directory} ({SHM_DIR_ENV} or "
+                             f"{DEFAULT_SHM_DIR}) does not exist")
+    return os.path.join(directory, name)
 _PAGE = 4096
 _IMAGE_META_BYTES = 128  # ImageMetadata (72 B) padded to two cache lines
 
@@ -103,7 +112,7 @@ class SharedSegment:
     @classmethod
     def create(cls, name: str, size: int, **header: int | bytes) -> SharedSegment:
         """Create the segment; a leftover of a dead creator is replaced (and logged)."""
-        path = os.path.join(shm_dir(), name)
+        path = _segment_path(name)
         if os.path.exists(path):
             pid = _read_creator_pid(path)
             if pid is not None and pid != os.getpid() and _pid_alive(pid):
@@ -129,7 +138,7 @@ class SharedSegment:
 
     @classmethod
     def attach(cls, name: str, writable: bool = False) -> SharedSegment:
-        path = os.path.join(shm_dir(), name)
+        path = _segment_path(name)
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError:

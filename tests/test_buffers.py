@@ -17,6 +17,7 @@ from fastcore.buffers import (
     BufferMissingError,
     FrameBuffer,
     ImageBuffer,
+    ShmBufferError,
     SlotOverwrittenError,
     shm_name,
 )
@@ -176,3 +177,14 @@ def test_buffers_follow_stddaq_shm_dir(tmp_path, monkeypatch):
             ImageBuffer.attach(buffer_name)  # not in /dev/shm
         monkeypatch.setenv("STDDAQ_SHM_DIR", str(tmp_path))
     assert not os.path.exists(tmp_path / buffer_name)  # the creator removed it
+
+
+def test_a_missing_stddaq_shm_dir_is_named(tmp_path, monkeypatch):
+    missing = tmp_path / "no-such-dir"
+    monkeypatch.setenv("STDDAQ_SHM_DIR", str(missing))
+    for make in (lambda: ImageBuffer.create("stddaq.tmissing.image", 2, (4, 4), np.uint16),
+                 lambda: ImageBuffer.attach("stddaq.tmissing.image")):
+        with pytest.raises(ShmBufferError) as info:
+            make()
+        assert str(info.value) == (f"the buffer directory {missing} (STDDAQ_SHM_DIR or "
+                                   "/dev/shm) does not exist")

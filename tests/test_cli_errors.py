@@ -153,3 +153,11 @@ def test_too_long_ipc_dir(module, make_config, tmp_path):
     result = run(module, str(path), "--ipc-dir", str(long_dir))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "more than the 107 a Unix socket allows: use a shorter --ipc-dir" in result.stderr
+
+
+def test_missing_buffer_directory(make_config, tmp_path, monkeypatch):
+    path, _ = make_config("jungfrau_1m.json")
+    monkeypatch.setenv("STDDAQ_SHM_DIR", str(tmp_path / "gone"))
+    result = run("fastcore.udp_recv", str(path), "--ipc-dir", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"the buffer directory {tmp_path / 'gone'} (STDDAQ_SHM_DIR" in result.stderr

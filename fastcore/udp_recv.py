@@ -9,6 +9,11 @@ and a batch costs a few vectorised header checks. A batch holding a lost, reorde
 duplicated or foreign packet is staged and placed packet by packet. A frame is committed
 when all its packets are in, when a packet of a newer frame arrives, or when the stream
 goes quiet; missing packets are zeroed and counted (``n_recv_packets``), never hidden.
+
+The receiver follows its own stream only: a packet whose frame id is behind it (late) or
+more than ``n_frame_slots`` frames ahead of it (stray) is dropped and counted; it moves to
+such a frame id range (a re-armed detector counting from 1 again, a detector that resumed
+after a gap) once packets agree on it, see :class:`FramePlacer`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ socket is empty, and batches of up to this many while packets keep coming."""
 RESTART_AFTER_QUIET_FLUSHES = 10
 """Quiet receive timeouts (100 ms each) after which the id just committed may start a new
 acquisition; before that, packets of that id are stragglers and counted late."""
+RESYNC_PACKETS = 8
+"""Agreeing packets after which the receiver moves to a frame id range outside its stream
+(at most half a frame's packets, at least 2; see :class:`FramePlacer`)."""
+HELD_RUNS = 4
+"""Groups of agreeing packets outside the stream held at once (the smallest goes first)."""
+WARNING_INTERVAL = 1.0
+"""Seconds between two warnings of one kind (stray packets, re-syncs); the counters in
+ReceiverStats count every one."""
 
 
 @dataclass
@@ -55,6 +68,27 @@ class ReceiverStats:
     duplicate_packets: int = 0
     late_packets: int = 0
     invalid_packets: int = 0
+    stray_packets: int = 0
+    """Dropped packets more than n_frame_slots frames ahead of the stream (or before it
+    started)."""
+    resyncs: int = 0
+    """Times the stream moved to a frame id range outside it (a reset, a resume)."""
+
+
+@dataclass
+class _Run:
+    """Packets outside the stream that agree: distinct, of consecutive frames [lo, hi]."""
+
+    lo: int
+    hi: int
+    idle: bool  # the stream was quiet when the first one came
+    quiet: int  # the placer's quiet_flushes then
+    packets: list[tuple[int, int, np.void, np.ndarray, bool]] = field(default_factory=list)
+    """(frame, packet, header copy, payload copy, counted as stray)"""
+    seen: set[tuple[int, int]] = field(default_factory=set)
+
+    def agrees(self, frame: int) -> bool:
+        return self.lo <= frame <= self.hi + 1
 
 
 def module_origin(config: DetectorConfig, module_id: int) -> tuple[int, int]:
@@ -73,6 +107,28 @@ class FramePlacer:
 
     Socket-free: :class:`ModuleReceiver` feeds it batches. ``on_commit(frame_id)`` runs
     after a frame's ModuleFrame is written (its id last, so readers see a whole frame).
+
+    Frame ids the stream follows at once: the open frame, and up to ``max_jump`` (=
+    ``n_frame_slots``, the FrameBuffer ring) frames ahead of the current one (the frames
+    between were lost). Any other packet, behind the stream (``late_packets``) or further
+    ahead (``stray_packets``), is counted and held aside, in a run of packets that agree
+    with it (distinct, their frames consecutive: each within [lowest, highest + 1]; up to
+    HELD_RUNS runs, the smallest is dropped first); a packet of the stream drops them all.
+    The stream moves to a run's frame ids (``resyncs``; its packets are then placed, none
+    lost) once it holds ``resync_packets`` = max(2, min(RESYNC_PACKETS, n_packets // 2))
+    packets and either
+
+    - the stream has no frame yet (the receiver started), or
+    - they are more than a frame's packets, with nothing of the stream among them (a
+      reset without a pause: followed at the first packet of its second frame), or
+    - the stream was quiet (a receive timeout) before them or after them (a resume after
+      a pause, a re-arm), but a restart at the id just committed only after
+      RESTART_AFTER_QUIET_FLUSHES quiet timeouts (before that those are stragglers).
+
+    So one forged or corrupted packet never moves the stream, a burst of late packets
+    never does while the stream runs unless it holds more than a frame's packets in frame
+    order with nothing of the stream between them, and a genuine restart is followed.
+    Stray packets and re-syncs are also logged, at most once per WARNING_INTERVAL.
     """
 
     fmt: ModuleFormat
@@ -91,6 +147,10 @@ class FramePlacer:
         self.received = np.zeros(self.fmt.n_packets, bool)
         self.n_received = 0
         self._fields = (0, 0)  # (pulse_id, daq_rec) of the current frame
+        self.max_jump = self.buffer.n_slots
+        self.resync_packets = max(2, min(RESYNC_PACKETS, self.fmt.n_packets // 2))
+        self._runs: list[_Run] = []  # packets outside the stream, held aside
+        self._next_warning: dict[str, float] = {}
         self._claimed = -1  # frame id whose slot was last marked INVALID
         self._base = self.buffer.segment.array
         self._base_address = np.uint64(self._base.ctypes.data)
@@ -146,6 +206,8 @@ class FramePlacer:
                     and np.array_equal(lengths, self._full_lengths)
                     and not (flags & MSG_TRUNC).any()):
                 self.stats.packets += n
+                if self._runs:
+                    self._runs.clear()
                 self._open(frame, headers[0])
                 self.received[:] = True
                 self.n_received = n
@@ -191,6 +253,8 @@ class FramePlacer:
         self.stats.packets += len(frames)
         if (not self.idle and good.all() and (frames == land_frames).all()
                 and (packets == land_packets).all()):
+            if self._runs:
+                self._runs.clear()
             self._accept_in_order(frames, packets, headers)
         else:
             self._accept_staged(frames, packets, headers, good, self._stage(addresses))
@@ -224,33 +288,116 @@ class FramePlacer:
 
     def _accept_staged(self, frames: np.ndarray, packets: np.ndarray, headers: np.ndarray,
                        good: np.ndarray, staged: np.ndarray) -> None:
-        payload_bytes, n_packets = self.fmt.payload_bytes, self.fmt.n_packets
+        n_packets = self.fmt.n_packets
         for i in range(len(frames)):
-            frame, packet = int(frames[i]), int(packets[i])
+            packet = int(packets[i])
             if not good[i] or not 0 <= packet < n_packets:
                 self.stats.invalid_packets += 1
                 continue
-            if (self.idle and frame == self.current and not self.is_open
-                    and self.quiet_flushes < RESTART_AFTER_QUIET_FLUSHES):
-                self.stats.late_packets += 1  # a straggler of the frame just committed
+            frame = int(frames[i])
+            if frame < 0:  # a frame number of 2**63 or more: never followed
+                self._count_stray(frame + 2**64)
                 continue
-            if self.idle or frame > self.current:
+            self._take(frame, packet, headers[i], staged[i])
+
+    def _take(self, frame: int, packet: int, header: np.void, payload: np.ndarray) -> None:
+        """Place one packet of the stream; hold any other (see the class docstring)."""
+        current = self.current
+        if current is not None:
+            if frame == current and self.is_open:
+                self._place(packet, payload)
+                return
+            if current < frame <= current + self.max_jump:
                 if self.is_open:
                     self._commit()
-                self._open(frame, headers[i])
-            elif frame < self.current or not self.is_open:
-                self.stats.late_packets += 1
-                continue
-            if self.received[packet]:
-                self.stats.duplicate_packets += 1
-                continue
-            start = packet * payload_bytes
-            self.buffer.frame(frame, self.module_id)[start : start + payload_bytes] = staged[i]
-            self.received[packet] = True
-            self.n_received += 1
-            self.high = max(self.high, packet)
-            if self.n_received == n_packets:
-                self._commit()
+                self._open(frame, header)
+                self._place(packet, payload)
+                return
+        self._hold(frame, packet, header, payload)
+
+    def _place(self, packet: int, payload: np.ndarray) -> None:
+        if self._runs:
+            self._runs.clear()  # the stream goes on: the held packets are not a new one
+        if self.received[packet]:
+            self.stats.duplicate_packets += 1
+            return
+        size = self.fmt.payload_bytes
+        start = packet * size
+        self.buffer.frame(self.current, self.module_id)[start : start + size] = payload
+        self.received[packet] = True
+        self.n_received += 1
+        self.high = max(self.high, packet)
+        if self.n_received == self.fmt.n_packets:
+            self._commit()
+
+    def _hold(self, frame: int, packet: int, header: np.void, payload: np.ndarray) -> None:
+        """A packet outside the stream: counted (late or stray) and held aside in a run of
+        packets it agrees with; a run that agrees enough becomes the stream."""
+        runs = [run for run in self._runs if run.agrees(frame)]
+        run = max(runs, key=lambda r: len(r.packets)) if runs else None
+        if run is not None and (frame, packet) in run.seen:
+            self.stats.duplicate_packets += 1
+            return
+        stray = self.current is None or frame > self.current
+        if stray:
+            self._count_stray(frame)
+        else:
+            self.stats.late_packets += 1
+        if run is None:
+            if len(self._runs) >= HELD_RUNS:
+                self._runs.remove(min(self._runs, key=lambda r: len(r.packets)))
+            run = _Run(frame, frame, self.idle, self.quiet_flushes)
+            self._runs.append(run)
+        run.hi = max(run.hi, frame)
+        run.packets.append((frame, packet, header.copy(), payload, stray))
+        run.seen.add((frame, packet))
+        if self._agreed(run):
+            self._resync(run)
+
+    def _count_stray(self, frame: int) -> None:
+        self.stats.stray_packets += 1
+        if self.current is not None:
+            self._warn("stray", "module %d: dropped a stray packet of frame %d (current frame "
+                       "%d, %d stray packets so far)", self.module_id, frame, self.current,
+                       self.stats.stray_packets)
+
+    def _agreed(self, run: _Run, quiet_after: bool = False) -> bool:
+        """The run is a stream of its own (see the class docstring)."""
+        n = len(run.packets)
+        if n < self.resync_packets:
+            return False
+        if self.current is None or n > self.fmt.n_packets:
+            return True
+        if not (run.idle or quiet_after):
+            return False
+        return run.lo != self.current or run.quiet >= RESTART_AFTER_QUIET_FLUSHES
+
+    def _resync(self, run: _Run) -> None:
+        """Move the stream to the run and place its packets (no longer counted as dropped);
+        the other held packets stay dropped."""
+        self._runs.clear()
+        for *_, stray in run.packets:
+            if stray:
+                self.stats.stray_packets -= 1
+            else:
+                self.stats.late_packets -= 1
+        if self.is_open:
+            self._commit()
+        first, _, first_header, _, _ = run.packets[0]
+        if self.current is not None:
+            self.stats.resyncs += 1
+            self._warn("resync", "module %d: frame ids moved from %d to %d (%d agreeing "
+                       "packets): following them (%d re-syncs so far)", self.module_id,
+                       self.current, first, len(run.packets), self.stats.resyncs)
+        self._open(first, first_header)
+        for frame, packet, header, payload, _ in run.packets:
+            self._take(frame, packet, header, payload)
+
+    def _warn(self, kind: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now >= self._next_warning.get(kind, 0.0):
+            self._next_warning[kind] = now + WARNING_INTERVAL
+            log.warning(message, *args)
 
     def _open(self, frame: int, header: np.void) -> None:
         self._claim(frame)
@@ -285,10 +432,16 @@ class FramePlacer:
         self.on_commit(frame)
 
     def flush(self) -> None:
-        """The stream went quiet: commit the open frame; any frame id may come next (the
-        id just committed only after RESTART_AFTER_QUIET_FLUSHES quiet timeouts)."""
+        """The stream went quiet: commit the open frame; held packets that agree become
+        the stream (and their last frame is committed), others are dropped."""
         if self.is_open:
             self._commit()
+        runs = [run for run in self._runs if self._agreed(run, quiet_after=True)]
+        self._runs.clear()
+        if runs:
+            self._resync(max(runs, key=lambda r: len(r.packets)))
+            if self.is_open:
+                self._commit()
         self.idle = True
         self.quiet_flushes += 1
 

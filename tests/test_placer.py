@@ -225,7 +225,8 @@ def test_in_order_frames_take_the_zero_copy_path(make_link, config):
     for frame in (1, 2, 3, 4):
         link.check_frame(frame)
     assert link.stats() == dict(frames=4, incomplete_frames=0, packets=4 * n, lost_packets=0,
-                                duplicate_packets=0, late_packets=0, invalid_packets=0)
+                                duplicate_packets=0, late_packets=0, invalid_packets=0,
+                                stray_packets=0, resyncs=0)
     # the other module's records are untouched
     other = 1 - link.module_id
     assert all(int(link.buffer.module_frame(f, other)["id"]) == int(INVALID_ID)
@@ -455,13 +456,31 @@ def test_frame_ids_going_back_without_pause_are_late(make_link, config):
 
 @detectors
 def test_first_packet_of_stream_may_be_any_frame(make_link, config):
+    """The receiver started mid-frame: the stream begins at the first packet, whatever its
+    frame id, once a few packets agree on it (a lone packet is no stream: see below)."""
     link = make_link(config)
     n = link.fmt.n_packets
     skipped = range(min(3, n - 1))
-    link.receive(link.frame_packets(123456, range(len(skipped), n)))  # started mid-frame
+    link.receive(link.frame_packets(123456, range(len(skipped), n))  # started mid-frame
+                 + link.frame_packets(123457))
     link.placer.flush()
-    assert link.commits == [123456]
+    assert link.commits == [123456, 123457]
     link.check_frame(123456, missing=skipped)
+    link.check_frame(123457)
+    assert link.stats()["stray_packets"] == 0 and link.stats()["resyncs"] == 0
+
+
+@detectors
+def test_a_lone_packet_does_not_start_the_stream(make_link, config):
+    link = make_link(config)
+    link.receive([link.packet(1_000_000, 0)])
+    link.placer.flush()
+    assert link.commits == []
+    assert link.stats()["stray_packets"] == 1
+    link.receive(link.frame_packets(7))
+    assert link.commits == [7]
+    link.check_frame(7)
+    assert link.stats()["stray_packets"] == 1 and link.stats()["resyncs"] == 0
 
 
 def test_slot_marked_invalid_before_rewrite(make_link):

@@ -3,8 +3,10 @@ as a ratio to the highest zero-loss receive-only rate measured in the same run.
 
 Receive-only: stddaq-udp-recv alone; this process pulls the ModuleFrames and counts the
 packets. End to end: stddaq-udp-recv, stddaq-sync, stddaq-assembler and stddaq-h5-writer
-as processes; this process plays the writer agent (a StoreStream per image) and counts an
-image lost when it is missing from the file or flagged. Both are fed by bench_receive's
+as processes; this process plays the writer agent (one start command per step; the writer
+follows the image stream itself) and counts an image lost when it is not in the file as a
+good image (the writer's summary). Each step also reports every process's CPU time per
+image (user + system, all its threads, from /proc). Both series are fed by bench_receive's
 pre-built-packet sender (sendmmsg, GSO) on 127.0.0.1, at the same stepped rates, for
 ``--seconds`` per step. The last line of the output is one JSON object.
 """
@@ -20,20 +22,19 @@ import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_receive as br
 
-from fastcore.formats import IMAGE_METADATA, MODULE_FRAME, ImageStatus
+from fastcore.formats import MODULE_FRAME
 from fastcore.launch import ChildProcess
 from fastcore.process import ipc_address
-from fastcore.writer_protocol import RunInfo, image_message, stop_message
+from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, StopCommand
+from services.writer_agent import WriterLink
 
 RATES = [250, 500, 1000, 1500, 2000, 2500]
 
@@ -93,75 +94,71 @@ def receive_only(sender, config: Path, name: str, port: int, work: Path, rates, 
     return results
 
 
+def cpu_seconds(child: ChildProcess) -> float:
+    """User + system CPU time of a child and the processes of its session (a receiver per
+    module), all their threads included."""
+    total = 0
+    for pid in child.session_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, seconds):
-    procs = [start(m, config, work) for m in ("fastcore.udp_recv", "fastcore.sync",
-                                               "fastcore.assembler", "fastcore.h5_writer")]
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.RCVHWM, 0)
-    sub.connect(ipc_address(str(work), name, "image"))
-    push = ctx.socket(zmq.PUSH)
-    push.connect(ipc_address(str(work), name, "writer"))
-    status = ctx.socket(zmq.SUB)
-    status.setsockopt(zmq.SUBSCRIBE, b"")
-    status.connect(ipc_address(str(work), name, "writer-status"))
-    time.sleep(0.5)
+    stages = {m.split(".")[-1]: start(m, config, work) for m in (
+        "fastcore.udp_recv", "fastcore.sync", "fastcore.assembler", "fastcore.h5_writer")}
+    link = WriterLink(str(work), name)
     results, frame = {}, 1
     try:
         send(sender, port, 500, 500, frame)  # warm-up
         frame += 500
         time.sleep(1.0)
-        while sub.poll(200):
-            sub.recv()
         for run_id, rate in enumerate(rates, start=1):
             n = int(rate * seconds)
             out = work / f"run{run_id}.h5"
-            pool = ThreadPoolExecutor(1)
-            pending = pool.submit(send, sender, port, rate, n, frame)
-            forwarded = 0
-            deadline = time.monotonic() + seconds * 3 + 10
-            while forwarded < n and time.monotonic() < deadline:
-                if sub.poll(100):
-                    meta = np.frombuffer(sub.recv(), IMAGE_METADATA)[0]
-                    info = RunInfo(str(out), n) if forwarded == 0 else None
-                    push.send_multipart(image_message(meta, run_id, forwarded, n, info))
-                    forwarded += 1
-                elif pending.done() and forwarded:
-                    break
-            sent = pending.result()
-            pool.shutdown()
+            link.drain()
+            link.send(StartCommand(run_id, RunInfo(str(out), n), 30.0).to_json())
+            _await(link, run_id, "start")
+            cpu = {stage: cpu_seconds(child) for stage, child in stages.items()}
+            sent = send(sender, port, rate, n, frame)
             frame += sent
-            if forwarded < n:
-                push.send_multipart(stop_message(run_id))
-            stop = _await_stop(status, run_id)
-            with h5py.File(out, "r") as f:
-                statuses = f[name]["status"][:]
-            flagged = int(np.count_nonzero(statuses))
-            by_flag = {flag.name: int(np.count_nonzero(statuses & np.uint64(flag)))
-                       for flag in ImageStatus if flag}
+            summary = _await(link, run_id, "stop", 5.0)
+            if summary is None:  # images lost before the writer: end the run
+                link.send(StopCommand(run_id).to_json())
+                summary = _await(link, run_id, "stop")
+            summary = RunSummary.from_event(summary)
+            cpu_ms = {stage: round((cpu_seconds(child) - cpu[stage]) * 1e3 / sent, 3)
+                      for stage, child in stages.items()}
             out.unlink()
-            lost = n - stop["n_written"] + flagged
-            results[rate] = {"sent": sent, "written": stop["n_written"], "flagged": flagged,
-                             "flags": by_flag, "lost_images": lost}
-            print(f"  end-to-end   {rate:5d} Hz: {sent} frames sent, {stop['n_written']} "
-                  f"written, {flagged} flagged {by_flag} -> {lost} images lost", flush=True)
+            lost = sent - summary.n_good
+            results[rate] = {"sent": sent, "written": summary.n_rows, "good": summary.n_good,
+                             "flags": summary.n_flagged, "absent": summary.n_absent,
+                             "lost_images": lost, "cpu_ms_per_image": cpu_ms}
+            print(f"  end-to-end   {rate:5d} Hz: {sent} frames sent, {summary.describe()} "
+                  f"-> {lost} images lost; CPU ms/image {cpu_ms}", flush=True)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        for sock in (sub, push, status):
-            sock.close(0)
+        for child in reversed(stages.values()):
+            child.stop()
+        link.close()
     return results
 
 
-def _await_stop(status: zmq.Socket, run_id: int) -> dict:
-    deadline = time.monotonic() + 60
+def _await(link: WriterLink, run_id: int, kind: str, timeout: float = 60.0) -> dict | None:
+    """The writer's ``kind`` event of ``run_id``; None after ``timeout`` for a stop."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if status.poll(200):
-            event = json.loads(status.recv())
-            if event.get("run_id") == run_id and event["event"] == "stop":
-                return event
-    raise RuntimeError(f"the writer did not finish run {run_id}")
+        event = link.receive(0.2)
+        if event and event.get("run_id") == run_id and event["event"] in (kind, "error"):
+            if event["event"] == "error":
+                raise RuntimeError(f"the writer refused run {run_id}: {event['message']}")
+            return event
+    if kind == "stop":
+        return None
+    raise RuntimeError(f"no {kind} from the writer for run {run_id} in {timeout:g} s")
 
 
 def best(results: dict, key: str) -> float:

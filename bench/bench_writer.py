@@ -1,8 +1,9 @@
 """HDF5 writer throughput vs a plain sequential write of the same bytes, same directory.
 
 Images sit in a real ImageBuffer (shared memory); the writer path is fastcore's
-``H5Writer`` handling StoreStream messages in-process (decode, slot checks, direct chunk
-writes from the shared-memory view, metadata, SWMR flushes), raw and bitshuffle-lz4. The
+``H5Writer`` in-process, started by a start command and fed the ImageMetadata records in
+batches as its service loop takes them (slot checks, direct chunk writes from the
+shared-memory view, metadata, SWMR flushes), raw and bitshuffle-lz4. The
 baseline writes the same image bytes with ``os.write`` to one file. Both end with fsync and
 close. Each figure is the median of ``--repeat`` interleaved trials; the last line of the
 output is one JSON object with every figure and ratio (target: raw writer >= 0.8 x plain).
@@ -24,9 +25,9 @@ import numpy as np
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import parse_config
 from fastcore.formats import IMAGE_METADATA, dtype_code
-from fastcore.h5_writer import H5Writer
+from fastcore.h5_writer import MAX_BATCH, H5Writer
 from fastcore.simulator import module_pixels
-from fastcore.writer_protocol import RunInfo, image_message
+from fastcore.writer_protocol import RunInfo, StartCommand
 
 SIZES = {"1MiB": (512, 1024), "4MiB": (1024, 2048)}
 
@@ -66,11 +67,12 @@ def writer_write(writer: H5Writer, events: list[dict], metas, path: str,
     """One run of ``writer`` (a long-lived H5Writer, as in the service, which keeps the
     ImageBuffer attached between runs): seconds until the file is closed and fsynced."""
     n = len(metas)
-    messages = [image_message(m, run_id, i, n, RunInfo(path, n) if i == 0 else None)
-                for i, m in enumerate(metas)]
+    records = np.array(metas, IMAGE_METADATA)
     start = time.perf_counter()
-    for message in messages:
-        writer.handle(message)
+    writer.command(StartCommand(run_id, RunInfo(path, n), 60.0).to_json())
+    for first in range(0, n, MAX_BATCH):  # as the service loop does
+        writer.take(records[first:first + MAX_BATCH])
+        writer.tick()
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)

@@ -305,6 +305,12 @@ class ImageBuffer(_SlotRing):
         """True while the slot holds ``image_id`` (committed and not rewritten)."""
         return int(self._meta["id"][self.slot(image_id)]) == int(image_id)
 
+    def newest(self) -> int | None:
+        """The highest image id committed in the ring (None when it holds none)."""
+        ids = self._meta["id"]
+        committed = ids[ids != INVALID_ID]
+        return int(committed.max()) if len(committed) else None
+
     def begin_write(self, image_id: int) -> np.ndarray:
         """Mark the slot as being rewritten and return its writable image view."""
         slot = self.slot(image_id)

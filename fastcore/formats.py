@@ -1,8 +1,8 @@
 """Every binary layout of stddaq, defined once as numpy structured dtypes.
 
 All layouts are little-endian and packed. The stddaq stream structs (DESIGN.md section 3)
-are all ``uint64`` fields except StoreStream's counters; the UDP packet headers follow the
-detectors' wire formats (slsDetectorPackage for Jungfrau/Eiger, PSI Gigafrost).
+are all ``uint64`` fields; the UDP packet headers follow the detectors' wire formats
+(slsDetectorPackage for Jungfrau/Eiger, PSI Gigafrost).
 """
 
 from __future__ import annotations
@@ -33,17 +33,6 @@ IMAGE_METADATA = _u64_struct(
     "id", "height", "width", "dtype", "encoding", "source_id", "status", "user_1", "user_2"
 )
 """One assembled image in the ImageBuffer, published by the assembler (and stream_recv)."""
-
-STORE_STREAM = np.dtype(
-    [
-        ("image_metadata", IMAGE_METADATA),
-        ("run_id", _U64),
-        ("i_image", "<u4"),
-        ("n_images", "<u4"),
-    ]
-)
-"""ImageMetadata wrapped for the HDF5 writer by the writer agent."""
-
 
 class ImageStatus(enum.IntFlag):
     """Bit flags of RawMetadata.status and ImageMetadata.status (0 = good image)."""

@@ -1,4 +1,8 @@
-"""HDF5 writer: StoreStream messages -> images copied from the ImageBuffer into a file.
+"""HDF5 writer: follows the ImageMetadata stream and copies a run's images into a file.
+
+The writer agent starts and stops runs (``fastcore/writer_protocol.py``); the writer takes
+the images itself from the detector's ImageMetadata stream (several records per message
+are fine) and the ImageBuffer, and reports a heartbeat, progress and a summary.
 
 Layout (DESIGN.md section 7): ``/<detector>/data`` (n, H, W), one image per chunk written
 with direct chunk writes straight from the shared-memory view (optionally bitshuffle-lz4,
@@ -6,7 +10,8 @@ HDF5 filter 32008), and ``image_id``, ``status``, ``pulse_id``, ``frame_index``,
 ``daq_rec`` (n,) uint64 beside it. Datasets grow image by image, so a file closed early
 (stop, error, SIGTERM) holds exactly the images written; the file is SWMR-readable while
 it is written. An image whose slot was overwritten before or during the write is stored as
-zeros with status NOT_IN_BUFFER and counted missing, never passed off as good data.
+zeros with status NOT_IN_BUFFER and counted missing, never passed off as good data. Ids
+that never reached the writer between two of a run's images are counted as absent.
 """
 
 from __future__ import annotations
@@ -31,16 +36,35 @@ import zmq
 from fastcore import __version__
 from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.formats import ImageStatus
-from fastcore.process import add_common_arguments, ipc_address, run_service
-from fastcore.writer_protocol import COMPRESSIONS, ProtocolError, RunInfo, decode, is_stop
+from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus
+from fastcore.h5_recovery import RecoveryError, recover_file
+from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
+from fastcore.writer_protocol import (
+    COMMAND_TTL_S,
+    COMPLETED,
+    COMPRESSIONS,
+    FAILED,
+    HEARTBEAT_S,
+    IMAGE_TIMEOUT,
+    INTERRUPTED,
+    REPLACED,
+    STOPPED,
+    ProtocolError,
+    RunInfo,
+    RunSummary,
+    StartCommand,
+    StopCommand,
+    decode_command,
+)
 
 log = logging.getLogger(__name__)
 
 METADATA_FIELDS = ("image_id", "status", "pulse_id", "frame_index", "daq_rec")
-_FLUSH_EVERY_S = 0.5
-_MAX_MISSING_IDS = 1000
+FLUSH_EVERY_S = 0.2  # rows become visible (and are reported written) at least this often
+_MAX_LISTED = 1000  # missing ids and absent ranges listed in a summary
 _RESERVE_BYTES = 2**20
+MAX_BATCH = 64  # images taken per loop turn (the loop stays responsive to commands)
+_FLAGS = [flag for flag in ImageStatus if flag]
 
 
 class WriteError(RuntimeError):
@@ -79,7 +103,7 @@ def bitshuffle_chunk(image: np.ndarray) -> np.ndarray:
 
 @dataclass
 class RunFile:
-    """The open file of one run. Images are written in ``i_image`` order."""
+    """The open file of one run; images are appended as rows."""
 
     path: str
     run_id: int
@@ -97,7 +121,7 @@ class RunFile:
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
             raise WriteError(f"cannot write {self.path}: directory {directory} does not exist")
-        self._reserve = os.path.join(directory, f".{os.path.basename(self.path)}.reserve")
+        self.reserve = os.path.join(directory, f".{os.path.basename(self.path)}.reserve")
         try:
             with effective_user(self.info.user_id or config.writer_user_id):
                 self.file = h5py.File(self.path, "w-", libver="latest")
@@ -132,16 +156,15 @@ class RunFile:
         except BaseException:
             self.file.close()
             raise
-        self.meta = np.zeros((len(METADATA_FIELDS), self.info.n_images), np.uint64)
-        self._flushed = 0
-        self._last_flush = time.monotonic()
+        self.meta = np.zeros((len(METADATA_FIELDS), min(self.info.n_images, 4096)), np.uint64)
+        self.flushed = 0  # rows visible to readers, and kept if the writer is killed
         self._zero_chunk: np.ndarray | None = None
 
     def _reserve_space(self) -> None:
         """Hold back some disk space, released before closing, so the file can always be
         closed valid even when the disk fills up during the run."""
         try:
-            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.posix_fallocate(fd, 0, _RESERVE_BYTES)
             finally:
@@ -149,7 +172,7 @@ class RunFile:
         except OSError:
             self.file.close()
             with contextlib.suppress(OSError):
-                os.unlink(self._reserve)
+                os.unlink(self.reserve)
             os.unlink(self.path)
             raise
 
@@ -157,33 +180,31 @@ class RunFile:
     def complete(self) -> bool:
         return self.n_rows >= self.info.n_images
 
-    def write(self, i_image: int, image_metadata: np.void) -> bool:
-        """Write one image from the ImageBuffer; False if it was not there (missing)."""
-        if not 0 <= i_image < self.info.n_images or i_image < self.n_rows:
-            raise WriteError(f"image index {i_image} out of order (next is {self.n_rows} "
-                             f"of {self.info.n_images})")
-        image_id = int(image_metadata["id"])
-        for skipped in range(self.n_rows, i_image):  # never sent: recorded as missing
-            self.meta[1, skipped] = ImageStatus.NOT_IN_BUFFER
-            self.n_missing += 1
-        self.data.id.set_extent((i_image + 1, *self.images.shape))  # low level: ~5x cheaper
-        self.n_rows = i_image + 1
+    def append(self, image_metadata: np.void) -> bool:
+        """Write the next image from the ImageBuffer; False if it was no longer there (a
+        row of zeros flagged NOT_IN_BUFFER)."""
+        row, image_id = self.n_rows, int(image_metadata["id"])
+        if row == self.meta.shape[1]:  # grow the metadata rows (up to n_images)
+            grown = np.zeros((len(METADATA_FIELDS), min(2 * row, self.info.n_images)),
+                             np.uint64)
+            grown[:, :row] = self.meta
+            self.meta = grown
+        self.data.id.set_extent((row + 1, *self.images.shape))  # low level: ~5x cheaper
         if not self.images.holds(image_id):
             self._reattach()
-        good = self.images.holds(image_id) and self._write_chunk(i_image, image_id)
+        good = self.images.holds(image_id) and self._write_chunk(row, image_id)
         status = int(image_metadata["status"])
         if not good:
-            self._write_zeros(i_image)
+            self._write_zeros(row)
             status |= ImageStatus.NOT_IN_BUFFER
             self.n_missing += 1
-            if len(self.missing_ids) < _MAX_MISSING_IDS:
+            if len(self.missing_ids) < _MAX_LISTED:
                 self.missing_ids.append(image_id)
         else:
             self.n_written += 1
-        self.meta[:, i_image] = (image_id, status, image_metadata["user_1"], image_id,
-                                 image_metadata["user_2"])
-        if time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
-            self.flush()
+        self.meta[:, row] = (image_id, status, image_metadata["user_1"], image_id,
+                             image_metadata["user_2"])
+        self.n_rows = row + 1
         return good
 
     def _reattach(self) -> None:
@@ -194,94 +215,183 @@ class RunFile:
                              "image geometry")
         self.images = images
 
-    def _write_chunk(self, i_image: int, image_id: int) -> bool:
+    def _write_chunk(self, row: int, image_id: int) -> bool:
         view = self.images.image(image_id)
         if self.compression == "none":
-            self.data.id.write_direct_chunk((i_image, 0, 0), view)
+            self.data.id.write_direct_chunk((row, 0, 0), view)
             return self.images.holds(image_id)
         chunk = bitshuffle_chunk(view)
         if not self.images.holds(image_id):  # compressed a slot being rewritten
             return False
-        self.data.id.write_direct_chunk((i_image, 0, 0), chunk)
+        self.data.id.write_direct_chunk((row, 0, 0), chunk)
         return True
 
-    def _write_zeros(self, i_image: int) -> None:
+    def _write_zeros(self, row: int) -> None:
         if self._zero_chunk is None:
             zeros = np.zeros(self.images.shape, self.images.dtype)
             self._zero_chunk = zeros if self.compression == "none" else bitshuffle_chunk(zeros)
-        self.data.id.write_direct_chunk((i_image, 0, 0), self._zero_chunk)
+        self.data.id.write_direct_chunk((row, 0, 0), self._zero_chunk)
+
+    def flag_counts(self) -> tuple[int, dict[str, int]]:
+        """(good rows, rows per status flag name)."""
+        status = self.meta[1, : self.n_rows]
+        counts = {flag.name: int(np.count_nonzero(status & np.uint64(flag))) for flag in _FLAGS}
+        return int(np.count_nonzero(status == 0)), {k: n for k, n in counts.items() if n}
 
     def flush(self) -> None:
-        """Make the written images and their metadata visible to SWMR readers."""
+        """Make the written images and their metadata visible to SWMR readers (and safe
+        from a kill: a restarted writer keeps the rows flushed)."""
         rows = self.n_rows
-        if rows > self._flushed:
+        if rows > self.flushed:
             for i, name in enumerate(METADATA_FIELDS):
                 dataset = self.meta_sets[name]
                 dataset.resize(rows, axis=0)
-                dataset[self._flushed : rows] = self.meta[i, self._flushed : rows]
-            self._flushed = rows
+                dataset[self.flushed : rows] = self.meta[i, self.flushed : rows]
         self.file.flush()
-        self._last_flush = time.monotonic()
+        self.flushed = rows
 
-    def close(self, rows: int | None = None) -> None:
-        """Flush and close; ``rows`` shrinks the file to that many images (after an error)."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and close; after a failed write, the rows written whole are kept."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._reserve)
-        if rows is not None and rows < self.n_rows:
-            self.n_rows = rows
-            self._flushed = min(self._flushed, rows)
-            self.data.resize(rows, axis=0)
-            for dataset in self.meta_sets.values():
-                dataset.resize(min(rows, dataset.shape[0]), axis=0)
+            os.unlink(self.reserve)
+        if failed:  # the failed image's row may have been added
+            self.data.resize(self.n_rows, axis=0)
         try:
             self.flush()
         finally:
             self.file.close()
 
-    def summary(self, reason: str) -> dict:
-        return {"event": "stop", "run_id": self.run_id, "output_file": self.path,
-                "n_images": self.info.n_images, "n_written": self.n_written,
-                "n_missing": self.n_missing, "missing_image_ids": self.missing_ids,
-                "reason": reason}
+
+class AbsentIds:
+    """Ids that never reached the writer between a run's consecutive images."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.count = 0
+        self.ranges: list[list[int]] = []
+        self.resets = 0
+
+    def expect(self, first: int) -> None:
+        """The run asked for images from ``first`` on: a later first image leaves a gap."""
+        self.last = first - 1
+
+    def add(self, image_id: int) -> None:
+        last = self.last
+        if last is not None:
+            if image_id > last + 1:
+                self.count += image_id - last - 1
+                if len(self.ranges) < _MAX_LISTED:
+                    self.ranges.append([last + 1, image_id - 1])
+            elif image_id <= last:  # the detector started counting again
+                self.resets += 1
+        self.last = image_id
+
+
+class Run:
+    """One run: which images belong to it, its file, its accounting and timing."""
+
+    def __init__(self, command: StartCommand, file: RunFile):
+        self.command, self.file = command, file
+        self.absent = AbsentIds()
+        self.next_id = command.start_image_id  # until the first live image: skip older ids
+        self.catching_up = self.next_id is not None  # take buffered images first
+        if self.next_id is not None:
+            self.absent.expect(self.next_id)
+        self.last_image_at = time.monotonic()
+        self.flushed_at = time.monotonic()
+
+    @property
+    def run_id(self) -> int:
+        return self.command.run_id
+
+    def take(self, records: np.ndarray) -> None:
+        """Write the live images of ``records`` that belong to the run."""
+        for record in records:
+            if self.file.complete:
+                return
+            image_id = int(record["id"])
+            if self.next_id is not None:
+                if image_id < self.next_id:
+                    continue  # older than asked for, or already taken from the buffer
+                self.next_id = None
+            self._append(record)
+
+    def catch_up(self, limit: int) -> None:
+        """Write up to ``limit`` images from ``next_id`` on that are in the ImageBuffer."""
+        images = self.file.images
+        for _ in range(limit):
+            if self.file.complete:
+                break
+            held = int(images.metadata(self.next_id)["id"])
+            if held == self.next_id:
+                self._append(images.metadata(held).copy())
+                self.next_id += 1
+            elif self.next_id < held < INVALID_ID:
+                # overwritten: go to the oldest images kept, past the tenth of the ring
+                # that the producer rewrites next
+                oldest = images.newest() - images.n_slots + 1
+                self.next_id = max(self.next_id + 1, oldest + images.n_slots // 10)
+            else:  # not produced yet (or being written): the live stream brings it
+                break
+        else:
+            return
+        self.catching_up = False
+
+    def _append(self, record: np.void) -> None:
+        self.absent.add(int(record["id"]))
+        self.file.append(record)
+        self.last_image_at = time.monotonic()
+
+    def summary(self, reason: str, message: str = "") -> RunSummary:
+        file = self.file
+        n_good, flagged = file.flag_counts()
+        return RunSummary(
+            run_id=self.run_id, output_file=file.path, n_images=file.info.n_images,
+            reason=reason, message=message, n_written=file.n_written,
+            n_missing=file.n_missing, n_good=n_good, n_flagged=flagged,
+            n_absent=self.absent.count, absent_ranges=self.absent.ranges,
+            missing_image_ids=file.missing_ids, n_id_resets=self.absent.resets)
 
 
 class H5Writer:
-    """Handles writer messages; ``publish(status_dict)`` reports every event."""
+    """The writer's logic, socket-free: ``command`` and ``take`` feed it, ``tick`` runs its
+    timers; ``publish(event_dict)`` reports every event."""
 
     def __init__(self, config: DetectorConfig, publish: Callable[[dict], None],
-                 compression: str = "none"):
+                 compression: str = "none", journal: str | None = None):
         self.config = config
         self.publish = publish
         self.compression = compression
-        self.run: RunFile | None = None
+        self.journal = journal
+        self.run: Run | None = None
         self.images: ImageBuffer | None = None
-        self.failed_runs: set[int] = set()
+        self._beat_at = 0.0
 
-    def handle(self, frames: list[bytes]) -> None:
+    @property
+    def catching_up(self) -> bool:
+        return self.run is not None and self.run.catching_up
+
+    def command(self, data: bytes) -> None:
         try:
-            record, info = decode(frames)
+            command = decode_command(data)
         except ProtocolError as exc:
             self.publish({"event": "error", "run_id": None, "message": str(exc)})
             return
-        run_id = int(record["run_id"])
-        if is_stop(record):
-            if self.run is not None and self.run.run_id == run_id:
-                self.finish("stopped")
+        if isinstance(command, StopCommand):
+            if self.run is not None and self.run.run_id == command.run_id:
+                self.finish(STOPPED)
             return
-        if info is not None and (self.run is None or self.run.run_id != run_id):
-            if self.run is not None:
-                self.finish(f"replaced by run {run_id}")
-            self.open(run_id, info)
-        if self.run is None or self.run.run_id != run_id:
-            if run_id not in self.failed_runs:
-                self.failed_runs.add(run_id)
-                self.publish({"event": "error", "run_id": run_id,
-                              "message": f"run {run_id} is not open: its first image with "
-                              "the run info was not received"})
+        age = time.time() - command.sent_at
+        if age > COMMAND_TTL_S:
+            self._fail_open(command.run_id, f"the start of run {command.run_id} was sent "
+                            f"{age:.0f} s ago (queued while the writer was down?): ignored")
             return
-        self.write(int(record["i_image"]), record["image_metadata"])
+        if self.run is not None:
+            self.finish(REPLACED, f"replaced by run {command.run_id}")
+        self.open(command)
 
-    def open(self, run_id: int, info: RunInfo) -> None:
+    def open(self, command: StartCommand) -> None:
+        info, run_id = command.run_info, command.run_id
         root = self.config.output_root
         path = os.path.normpath(info.output_file)
         try:
@@ -289,15 +399,13 @@ class H5Writer:
                     os.path.abspath(root):
                 raise WriteError(f"output_file {path} is outside the output root {root}")
             images = self._image_buffer()
-        except (WriteError, ShmBufferError) as exc:
+            file = RunFile(path, run_id, info, self.config, images,
+                           info.compression or self.compression)
+        except (WriteError, ShmBufferError, OSError) as exc:
             self._fail_open(run_id, str(exc))
             return
-        try:
-            self.run = RunFile(path, run_id, info, self.config, images,
-                               info.compression or self.compression)
-        except (WriteError, OSError) as exc:
-            self._fail_open(run_id, str(exc))
-            return
+        self.run = Run(command, file)
+        self._write_journal(file)
         log.info("run %d: writing %d images to %s", run_id, info.n_images, path)
         self.publish({"event": "start", "run_id": run_id, "output_file": path,
                       "n_images": info.n_images})
@@ -311,86 +419,178 @@ class H5Writer:
             self.images = self.images.refreshed()
         return self.images
 
-    def close(self) -> None:
-        self.finish("interrupted")
-        if self.images is not None:
-            self.images.close()
-            self.images = None
-
     def _fail_open(self, run_id: int, message: str) -> None:
         log.error("run %d: %s", run_id, message)
-        self.failed_runs.add(run_id)
         self.publish({"event": "error", "run_id": run_id, "message": message})
 
-    def write(self, i_image: int, image_metadata: np.void) -> None:
+    def take(self, records: np.ndarray) -> None:
+        """Live ImageMetadata records, in arrival order (dropped when no run is open)."""
+        run = self.run
+        if run is None or not len(records):
+            return
+        self._guard(run.take, records)
+
+    def _guard(self, write: Callable, *args) -> None:
         run = self.run
         try:
-            run.write(i_image, image_metadata)
+            write(*args)
         except (OSError, WriteError) as exc:
-            message = f"writing image {i_image} to {run.path} failed: {exc}"
-            log.error("run %d: %s", run.run_id, message)
-            self.publish({"event": "error", "run_id": run.run_id, "message": message})
-            self.finish("error", rows=i_image)
+            message = f"writing image {run.file.n_rows} to {run.file.path} failed: {exc}"
+            self.finish(FAILED, message, failed=True)
             return
-        self.publish({"event": "image", "run_id": run.run_id, "i_image": i_image,
-                      "image_id": int(image_metadata["id"]), "n_written": run.n_written,
-                      "n_missing": run.n_missing})
-        if run.complete:
-            self.finish("completed")
+        if run.file.complete:
+            self.finish(COMPLETED)
 
-    def finish(self, reason: str, rows: int | None = None) -> None:
+    def tick(self) -> None:
+        """Timers: catch-up from the buffer, image timeout, flush + progress, heartbeat."""
+        now = time.monotonic()
+        run = self.run
+        if run is not None and run.catching_up:
+            self._guard(run.catch_up, MAX_BATCH)
+        run = self.run
+        if run is not None:
+            timeout = run.command.image_timeout_s
+            if now - run.last_image_at > timeout:
+                self.finish(IMAGE_TIMEOUT, f"no image from detector "
+                            f"{self.config.detector_name} for {timeout:g} s: is the detector "
+                            "(or simulator) running?")
+            elif now - run.flushed_at > FLUSH_EVERY_S and run.file.n_rows > run.file.flushed:
+                self._flush(run)
+        if now - self._beat_at > HEARTBEAT_S:
+            self._beat_at = now
+            self.publish({"event": "heartbeat", "pid": os.getpid(), "sent_at": time.time(),
+                          "run_id": self.run.run_id if self.run else None})
+
+    def _flush(self, run: Run) -> None:
+        """Flush, then report the rows flushed as written (a kill cannot take them back)."""
+        file = run.file
+        run.flushed_at = time.monotonic()
+        try:
+            file.flush()
+        except OSError as exc:  # h5py reports a full disk this way
+            self.finish(FAILED, f"flushing {file.path} failed: {exc}", failed=True)
+            return
+        self.publish({"event": "progress", "run_id": run.run_id, "n_rows": file.n_rows,
+                      "n_written": file.n_written, "n_missing": file.n_missing,
+                      "n_absent": run.absent.count})
+
+    def finish(self, reason: str, message: str = "", failed: bool = False) -> None:
         run, self.run = self.run, None
         if run is None:
             return
         try:
-            run.close(rows)
+            run.file.close(failed)
         except (OSError, RuntimeError) as exc:  # h5py raises both for a full disk
-            self.publish({"event": "error", "run_id": run.run_id,
-                          "message": f"closing {run.path} failed: {exc}"})
-        self.images = run.images  # the run may have re-attached a recreated buffer
-        summary = run.summary(reason)
-        log.info("run %d %s: %d written, %d missing -> %s", run.run_id, reason, run.n_written,
-                 run.n_missing, run.path)
-        self.publish(summary)
+            reason, message = FAILED, f"closing {run.file.path} failed: {exc}"
+        self._clear_journal()
+        self.images = run.file.images  # the run may have re-attached a recreated buffer
+        summary = run.summary(reason, message)
+        log.info("run %d %s: %s%s", run.run_id, reason, summary.describe(),
+                 f": {message}" if message else "")
+        self.publish(summary.event())
 
-    def idle(self) -> None:
-        """Periodic work between messages: keep SWMR readers up to date."""
-        if self.run is not None:
+    def close(self) -> None:
+        """The process ends (SIGTERM): close the open run's file valid."""
+        self.finish(INTERRUPTED, "stddaq-h5-writer was stopped (SIGTERM) during the run")
+        if self.images is not None:
+            self.images.close()
+            self.images = None
+
+    # --- the journal: which file is open, so a killed writer's file is repaired -------
+
+    def recover(self) -> None:
+        """Repair the file a killed predecessor left open (its journal names it): clear
+        its open-for-write flags, keep the rows it had flushed, remove its reserve file."""
+        if not self.journal or not os.path.exists(self.journal):
+            return
+        try:
+            with open(self.journal) as journal:
+                left = json.load(journal)
+            path, reserve = left["output_file"], left["reserve"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot read the writer journal %s (%s): a file left open by a killed "
+                      "writer may need stddaq-h5-recover", self.journal, exc)
+            self._clear_journal()
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(reserve)
+        if os.path.exists(path):
             try:
-                self.run.flush()
-            except OSError as exc:
-                self.publish({"event": "error", "run_id": self.run.run_id,
-                              "message": f"flushing {self.run.path} failed: {exc}"})
-                self.finish("error", rows=self.run.n_written)
+                report = recover_file(path, self.config.detector_name)
+            except RecoveryError as exc:
+                log.error("the file left open by a killed writer is not repaired: %s", exc)
+            else:
+                log.warning("repaired the file left open by a killed writer: %s",
+                            report.describe())
+        self._clear_journal()
+
+    def _write_journal(self, file: RunFile) -> None:
+        if self.journal:
+            with open(self.journal, "w") as out:
+                json.dump({"output_file": file.path, "reserve": file.reserve,
+                           "run_id": file.run_id}, out)
+
+    def _clear_journal(self) -> None:
+        if self.journal:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.journal)
+
+
+def decode_records(messages: list[bytes]) -> np.ndarray:
+    """The ImageMetadata records of several messages (each holds one or more)."""
+    size = IMAGE_METADATA.itemsize
+    good = [m for m in messages if len(m) % size == 0]
+    if len(good) != len(messages):
+        log.warning("ignored %d ImageMetadata message(s) that are not a multiple of %d B",
+                    len(messages) - len(good), size)
+    return np.frombuffer(b"".join(good), IMAGE_METADATA)
 
 
 def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
           compression: str) -> None:
+    name = config.detector_name
     ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(ipc_address(ipc_dir, config.detector_name, "writer"))
-    pub = ctx.socket(zmq.PUB)
-    pub.bind(ipc_address(ipc_dir, config.detector_name, "writer-status"))
-    writer = H5Writer(config, lambda status: pub.send_json(status), compression)
-    log.info("ready: writing %s images on request (compression %s)", config.detector_name,
-             compression)
+    commands = ctx.socket(zmq.PULL)
+    commands.bind(ipc_address(ipc_dir, name, "writer"))
+    status = ctx.socket(zmq.PUB)
+    status.bind(ipc_address(ipc_dir, name, "writer-status"))
+    images = subscribe(ctx, ipc_address(ipc_dir, name, "image"))
+    journal = os.path.join(ipc_dir, f"stddaq-{name}-writer.open")
+    writer = H5Writer(config, lambda event: status.send_json(event), compression, journal)
+    writer.recover()
+    poller = zmq.Poller()
+    poller.register(commands, zmq.POLLIN)
+    poller.register(images, zmq.POLLIN)
+    log.info("ready: writing %s images on request (compression %s)", name, compression)
     try:
         while not stop.is_set():
-            if pull.poll(int(_FLUSH_EVERY_S * 1000)):
-                writer.handle(pull.recv_multipart())
-            else:
-                writer.idle()
+            ready = dict(poller.poll(0 if writer.catching_up else 100))
+            # images first: those already here when a start arrives are not the run's
+            if images in ready and not writer.catching_up:
+                batch = []
+                with contextlib.suppress(zmq.Again):
+                    while len(batch) < MAX_BATCH:
+                        batch.append(images.recv(zmq.NOBLOCK))
+                writer.take(decode_records(batch))
+            if commands in ready:
+                for _ in range(16):
+                    try:
+                        writer.command(commands.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            writer.tick()
     finally:
         writer.close()
-        pull.close(0)
-        pub.close(linger=500)
+        commands.close(0)
+        images.close(0)
+        status.close(linger=500)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="stddaq-h5-writer",
-        description="Write images from the ImageBuffer to HDF5 files as StoreStream "
-        "messages from the writer agent ask.",
+        description="Write a detector's images from its ImageBuffer to HDF5 files, one run "
+        "at a time as stddaq-writer-agent asks.",
     )
     add_common_arguments(parser)
     parser.add_argument("--compression", choices=COMPRESSIONS, default="none",

@@ -1,32 +1,47 @@
 """Messages between the writer agent and the HDF5 writer (pure encode/decode, no sockets).
 
-To the writer (ZMQ PUSH -> PULL ``stddaq-<det>-writer``), multipart:
-- ``[StoreStream]``: write ImageBuffer image ``image_metadata.id`` as image ``i_image`` of
-  run ``run_id`` (``n_images`` in all);
-- ``[StoreStream, RunInfo JSON]``: the same, and it opens the run's file (sent with the
-  run's first image);
-- ``[StoreStream with image id STOP_ID]``: close run ``run_id`` now (kill / stop).
-From the writer (ZMQ PUB ``stddaq-<det>-writer-status``): one JSON object per event,
-``{"event": "start"|"image"|"stop"|"error", "run_id": ..., ...}``.
+The writer follows the detector's ImageMetadata stream itself; the agent only tells it what
+to write and relays what it reports.
+
+Commands to the writer (ZMQ PUSH -> PULL ``stddaq-<det>-writer``), one JSON object each:
+- ``start``: open ``run_info.output_file`` and write the next ``run_info.n_images`` images
+  that reach the ImageBuffer (or, with ``start_image_id``, the images from that id on,
+  taking those still in the buffer first); end the run when no image came for
+  ``image_timeout_s``. A start older than :data:`COMMAND_TTL_S` is refused (it was queued
+  while the writer was down).
+- ``stop``: close run ``run_id`` now (a kill).
+
+Events from the writer (ZMQ PUB ``stddaq-<det>-writer-status``), one JSON object each, all
+with ``event`` and ``run_id``: ``heartbeat`` every :data:`HEARTBEAT_S` (``pid``, the open
+run or None), ``start``, ``progress`` (rows flushed to the file, at most every 0.2 s),
+``error`` (``message``) and ``stop`` (the run's :class:`RunSummary`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
-from fastcore.formats import INVALID_ID, STORE_STREAM
-
-STOP_ID = int(INVALID_ID)
 COMPRESSIONS = ("none", "bitshuffle-lz4")
+HEARTBEAT_S = 0.5
+COMMAND_TTL_S = 5.0
+MAX_IMAGES = 2**32 - 1
+MAX_IMAGE_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_ID = 2**63 - 1
 
 
 class ProtocolError(ValueError):
-    """A writer message that cannot be understood."""
+    """A writer message that cannot be understood; the message names the bad field."""
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ProtocolError(f"{name}: expected an integer from {minimum} to {maximum}, got "
+                            f"{value!r}")
 
 
 @dataclass(frozen=True)
@@ -46,64 +61,139 @@ class RunInfo:
                                 f"{self.output_file!r}")
         if ".." in self.output_file.split(os.sep):
             raise ProtocolError(f"output_file: '..' is not allowed, got {self.output_file!r}")
-        if not isinstance(self.n_images, int) or isinstance(self.n_images, bool) or \
-                self.n_images < 1:
-            raise ProtocolError(f"n_images: expected an integer >= 1, got {self.n_images!r}")
+        _check_int("n_images", self.n_images, 1, MAX_IMAGES)
         if not isinstance(self.metadata, dict):
             raise ProtocolError(f"metadata: expected an object, got {self.metadata!r}")
-        if self.user_id is not None and (not isinstance(self.user_id, int)
-                                         or isinstance(self.user_id, bool)):
-            raise ProtocolError(f"user_id: expected an integer, got {self.user_id!r}")
+        if self.user_id is not None:
+            _check_int("user_id", self.user_id, 0, 2**31 - 1)
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ProtocolError(f"compression: expected one of {COMPRESSIONS}, got "
                                 f"{self.compression!r}")
 
+
+@dataclass(frozen=True)
+class StartCommand:
+    """Open a run and write its images (see the module docstring)."""
+
+    run_id: int
+    run_info: RunInfo
+    image_timeout_s: float
+    start_image_id: int | None = None
+    sent_at: float = field(default_factory=time.time)
+
+    def validate(self) -> None:
+        _check_int("run_id", self.run_id, 0, 2**64 - 1)
+        self.run_info.validate()
+        timeout = self.image_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
+                not math.isfinite(timeout) or not 0 < timeout <= MAX_IMAGE_TIMEOUT_S:
+            raise ProtocolError(f"image_timeout_s: expected seconds > 0 and <= "
+                                f"{MAX_IMAGE_TIMEOUT_S:g}, got {timeout!r}")
+        if self.start_image_id is not None:
+            _check_int("start_image_id", self.start_image_id, 0, MAX_ID)
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        return json.dumps({"command": "start"} | asdict(self)).encode()
+
+
+@dataclass(frozen=True)
+class StopCommand:
+    """Close run ``run_id`` now."""
+
+    run_id: int
+
+    def to_json(self) -> bytes:
+        return json.dumps({"command": "stop", "run_id": self.run_id}).encode()
+
+
+def decode_command(data: bytes) -> StartCommand | StopCommand:
+    """A command from its JSON; raises ProtocolError naming what is wrong."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"a writer command must be a JSON object: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"a writer command must be a JSON object, got {raw!r:.80}")
+    command = raw.pop("command", None)
+    try:
+        if command == "stop":
+            stop = StopCommand(**raw)
+            _check_int("run_id", stop.run_id, 0, 2**64 - 1)
+            return stop
+        if command == "start":
+            info = raw.pop("run_info", None)
+            if not isinstance(info, dict):
+                raise ProtocolError(f"run_info: expected an object, got {info!r:.80}")
+            start = StartCommand(run_info=RunInfo(**info), **raw)
+            start.validate()
+            return start
+    except TypeError as exc:
+        raise ProtocolError(f"bad {command} command: {exc}") from None
+    raise ProtocolError(f"command: expected 'start' or 'stop', got {command!r:.40}")
+
+
+# Why a run ended (RunSummary.reason).
+COMPLETED, STOPPED, IMAGE_TIMEOUT, FAILED, INTERRUPTED, REPLACED = (
+    "completed", "stopped", "image timeout", "error", "interrupted", "replaced")
+
+
+@dataclass
+class RunSummary:
+    """Everything a finished run accounts for, sent as the writer's ``stop`` event.
+
+    ``n_written`` rows hold their image, ``n_missing`` rows are zeros because the image
+    had left the ImageBuffer (``missing_image_ids``, capped). ``n_flagged`` counts the rows
+    per status flag name (an image may carry several). ``absent_ranges`` are the inclusive
+    id ranges (capped) that never reached the writer between the run's images (``n_absent``
+    ids in all).
+    """
+
+    run_id: int
+    output_file: str
+    n_images: int
+    reason: str
+    message: str = ""
+    n_written: int = 0
+    n_missing: int = 0
+    n_good: int = 0
+    n_flagged: dict[str, int] = field(default_factory=dict)
+    n_absent: int = 0
+    absent_ranges: list[list[int]] = field(default_factory=list)
+    missing_image_ids: list[int] = field(default_factory=list)
+    n_id_resets: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_written + self.n_missing
+
+    @property
+    def outcome(self) -> str:
+        """'success' (every requested image written good), 'partial' (the file holds what
+        was written, short or flagged) or 'fail' (the run could not go on)."""
+        if self.reason in (IMAGE_TIMEOUT, FAILED, INTERRUPTED, REPLACED):
+            return "fail"
+        if self.reason == COMPLETED and self.n_good == self.n_images and not self.n_absent:
+            return "success"
+        return "partial"
+
+    def describe(self) -> str:
+        """One line: rows, flags and absent ids, for logs and error messages."""
+        text = f"{self.n_rows} of {self.n_images} images in {self.output_file}"
+        details = [f"{self.n_good} good"]
+        if self.n_missing:
+            details.append(f"{self.n_missing} no longer in the buffer")
+        details += [f"{n} {flag}" for flag, n in sorted(self.n_flagged.items())]
+        if self.n_absent:
+            ranges = ", ".join(f"{a}-{b}" if a != b else str(a)
+                               for a, b in self.absent_ranges[:5])
+            more = ", ..." if len(self.absent_ranges) > 5 else ""
+            details.append(f"{self.n_absent} ids never arrived ({ranges}{more})")
+        return f"{text} ({', '.join(details)})"
+
+    def event(self) -> dict:
+        return {"event": "stop"} | asdict(self) | {"outcome": self.outcome}
 
     @classmethod
-    def from_json(cls, data: bytes) -> RunInfo:
-        try:
-            raw = json.loads(data)
-            info = cls(**raw)
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError(f"bad run info: {exc}") from None
-        info.validate()
-        return info
-
-
-def store_stream(image_metadata: np.void | np.ndarray, run_id: int, i_image: int,
-                 n_images: int) -> np.ndarray:
-    record = np.zeros((), STORE_STREAM)
-    record["image_metadata"] = image_metadata
-    record["run_id"], record["i_image"], record["n_images"] = run_id, i_image, n_images
-    return record
-
-
-def image_message(image_metadata, run_id: int, i_image: int, n_images: int,
-                  run_info: RunInfo | None = None) -> list[bytes]:
-    frames = [store_stream(image_metadata, run_id, i_image, n_images).tobytes()]
-    if run_info is not None:
-        frames.append(run_info.to_json())
-    return frames
-
-
-def stop_message(run_id: int) -> list[bytes]:
-    record = np.zeros((), STORE_STREAM)
-    record["image_metadata"]["id"] = STOP_ID
-    record["run_id"] = run_id
-    return [record.tobytes()]
-
-
-def decode(frames: list[bytes]) -> tuple[np.void, RunInfo | None]:
-    """(StoreStream record, RunInfo or None); raises ProtocolError on a malformed message."""
-    if not 1 <= len(frames) <= 2 or len(frames[0]) != STORE_STREAM.itemsize:
-        raise ProtocolError(f"expected [StoreStream ({STORE_STREAM.itemsize} B), optional "
-                            f"run info], got {len(frames)} frame(s) of sizes "
-                            f"{[len(f) for f in frames]}")
-    record = np.frombuffer(frames[0], STORE_STREAM)[0]
-    return record, RunInfo.from_json(frames[1]) if len(frames) == 2 else None
-
-
-def is_stop(record: np.void) -> bool:
-    return int(record["image_metadata"]["id"]) == STOP_ID
+    def from_event(cls, event: dict) -> RunSummary:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in event.items() if k in names})

@@ -79,7 +79,8 @@ class WriterGroup(PVGroup):
         alarm_group="wrt_status", doc="Outcome of the last write")
     write_message = pvproperty(
         name="WriteMessage", value="", dtype=ChannelType.CHAR, max_length=256,
-        read_only=True, alarm_group="wrt_status", doc="Error text of the last write")
+        read_only=True, alarm_group="wrt_status",
+        doc="Error text of the last write, or what a partial file lacks")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -92,10 +93,13 @@ class WriterGroup(PVGroup):
                                       status=AlarmStatus.STATE)
         await self.write_message.write(message[:255])
 
-    async def _publish_ok(self) -> None:
-        await self.write_status.write("Write OK", severity=AlarmSeverity.NO_ALARM,
-                                      status=AlarmStatus.NO_ALARM)
-        await self.write_message.write("")
+    async def _publish_ok(self, partial: str = "") -> None:
+        """Write OK; a partial file (stopped early, images flagged or lost) keeps its
+        summary in WriteMessage with a minor alarm."""
+        severity = AlarmSeverity.MINOR_ALARM if partial else AlarmSeverity.NO_ALARM
+        await self.write_status.write("Write OK", severity=severity, status=(
+            AlarmStatus.STATE if partial else AlarmStatus.NO_ALARM))
+        await self.write_message.write(partial[:255])
 
     async def _set_state(self, state: str) -> None:
         severity = {"Error": AlarmSeverity.MAJOR_ALARM,
@@ -181,7 +185,7 @@ class WriterGroup(PVGroup):
             await self._publish_error(run.message or "write failed")
             self.outcome = "Error"
         else:
-            await self._publish_ok()
+            await self._publish_ok(run.summary if run.outcome == "partial" else "")
             self.outcome = "Done"
             if self.auto_increment.value == "Yes":
                 await self.file_number.write(int(self.file_number.value) + 1)

@@ -50,6 +50,23 @@ class WriteRun:
         self._progress_callbacks: list[Callable[[int], None]] = []
         self._done_callbacks: list[Callable[[], None]] = []
 
+    @property
+    def outcome(self) -> str | None:
+        """None while running, then 'success', 'partial' (the file holds fewer good images
+        than requested: see :attr:`summary`) or 'fail' (see :attr:`message`)."""
+        if not self.done.is_set():
+            return None
+        if self.failed:
+            return "fail"
+        return (self.result or {}).get("outcome", "success")
+
+    @property
+    def summary(self) -> str:
+        """What the file holds (the writer's summary), or the failure message."""
+        if self.failed:
+            return self.message or "write failed"
+        return str((self.result or {}).get("summary", ""))
+
     def add_progress_callback(self, callback: Callable[[int], None]) -> None:
         with self._lock:
             self._progress_callbacks.append(callback)

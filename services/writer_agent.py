@@ -1,15 +1,18 @@
 """Writer agent: turns a user's write request into a run of the HDF5 writer.
 
-On a request it follows the detector's ImageMetadata stream and forwards the next
-``n_images`` images (or the images from ``start_image_id`` on, taking those still in the
-ImageBuffer first) to stddaq-h5-writer as StoreStream messages, follows the writer's
-statuses, and returns the file name, image count and missing images. A kill ends the run
-early with a valid, shorter file. One request at a time per detector.
+On a request it tells stddaq-h5-writer what to write (file, the next ``n_images`` images or
+those from ``start_image_id`` on, the image timeout), relays the writer's progress and
+ends with its summary: success (every requested image written good), partial (returned
+with ``outcome: "partial"``: short after a kill, or images flagged or absent) or fail (a
+WriterError naming the cause). The writer follows the image stream itself: the agent is
+not on the per-image path. A writer that stops sending its heartbeat fails the run within
+``writer_timeout_s``; a kill ends it within a loop turn of the writer. One request at a
+time per detector.
 
 Request (the original's fields plus stddaq's): ``{"output_file": abs path, "n_images": N,
-"user_id"?: int, "run_id"?: int, "start_image_id"?: int, "metadata"?: {...},
-"compression"?: "none"|"bitshuffle-lz4"}``; other fields belong to other services and are
-ignored.
+"user_id"?: int, "run_id"?: int, "start_image_id"?: int, "image_timeout"?: seconds,
+"metadata"?: {...}, "compression"?: "none"|"bitshuffle-lz4"}``; other fields belong to
+other services and are ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -25,19 +29,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import zmq
 
-from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
 from fastcore.config import ConfigError, DetectorConfig, parse_config
-from fastcore.formats import IMAGE_METADATA
 from fastcore.process import DEFAULT_IPC_DIR, ipc_address, subscribe
-from fastcore.writer_protocol import COMPRESSIONS, RunInfo, image_message, stop_message
+from fastcore.writer_protocol import (
+    COMPRESSIONS,
+    MAX_ID,
+    MAX_IMAGE_TIMEOUT_S,
+    MAX_IMAGES,
+    RunInfo,
+    RunSummary,
+    StartCommand,
+    StopCommand,
+)
 from services.progress import ProgressPublisher
 from services.requests import RequestError, output_path
 from services.startup import SetupError, redis_client, serve_primary, service_setup
 
 log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0  # the writer opens the file before it confirms a start
 
 
 class BusyError(RuntimeError):
@@ -45,7 +57,7 @@ class BusyError(RuntimeError):
 
 
 class WriterError(RuntimeError):
-    """The HDF5 writer reported an error or did not answer."""
+    """The HDF5 writer reported an error, or stopped answering."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +69,29 @@ class WriteRequest:
     start_image_id: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     compression: str | None = None
+    image_timeout: float | None = None
 
 
-def _int(request: dict, name: str, minimum: int) -> int | None:
+def _int(request: dict, name: str, minimum: int, maximum: int) -> int | None:
     value = request.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RequestError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        raise RequestError(f"{name}: expected an integer >= {minimum}, got {value!r:.40}")
+    if value > maximum:
+        raise RequestError(f"{name}: {value:.3g} is too large (at most {maximum})")
     return value
+
+
+def _seconds(request: dict, name: str, maximum: float) -> float | None:
+    value = request.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(value) or not 0 < value <= maximum:
+        raise RequestError(f"{name}: expected seconds > 0 and <= {maximum:g}, got "
+                           f"{value!r:.40}")
+    return float(value)
 
 
 def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest:
@@ -78,28 +104,65 @@ def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest
     directory = os.path.dirname(os.path.normpath(path))
     if not os.path.isdir(directory):
         raise RequestError(f"output_file: directory {directory} does not exist")
-    if "n_images" not in request:
+    if request.get("n_images") is None:
         raise RequestError("n_images: missing (expected an integer >= 1)")
-    n_images = _int(request, "n_images", 1)
+    n_images = _int(request, "n_images", 1, MAX_IMAGES)
     metadata = request.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise RequestError(f"metadata: expected an object, got {metadata!r}")
+        raise RequestError(f"metadata: expected an object, got {metadata!r:.80}")
     try:
         json.dumps(metadata)
     except (TypeError, ValueError):
         raise RequestError("metadata: must be plain JSON values") from None
     compression = request.get("compression")
     if compression is not None and compression not in COMPRESSIONS:
-        raise RequestError(f"compression: expected one of {COMPRESSIONS}, got {compression!r}")
-    return WriteRequest(path, n_images, _int(request, "user_id", 0), _int(request, "run_id", 0),
-                        _int(request, "start_image_id", 0), metadata, compression)
+        raise RequestError(f"compression: expected one of {COMPRESSIONS}, got "
+                           f"{compression!r:.40}")
+    return WriteRequest(path, n_images, _int(request, "user_id", 0, 2**31 - 1),
+                        _int(request, "run_id", 0, 2**64 - 1),
+                        _int(request, "start_image_id", 0, MAX_ID), metadata, compression,
+                        _seconds(request, "image_timeout", MAX_IMAGE_TIMEOUT_S))
+
+
+class WriterLink:
+    """The agent's two sockets to stddaq-h5-writer: commands out, events in."""
+
+    def __init__(self, ipc_dir: str, detector_name: str):
+        ctx = zmq.Context.instance()
+        self.address = ipc_address(ipc_dir, detector_name, "writer")
+        self.commands = ctx.socket(zmq.PUSH)
+        self.commands.setsockopt(zmq.IMMEDIATE, 1)  # never queue for an absent writer
+        self.commands.setsockopt(zmq.LINGER, 0)
+        self.commands.connect(self.address)
+        self.events = subscribe(ctx, ipc_address(ipc_dir, detector_name, "writer-status"))
+
+    def send(self, message: bytes, timeout_s: float = 1.0) -> None:
+        """Send a command; WriterError when no writer is connected within ``timeout_s``."""
+        if not self.commands.poll(int(timeout_s * 1000), zmq.POLLOUT):
+            raise WriterError(f"stddaq-h5-writer is not running (nothing listens on "
+                              f"{self.address})")
+        self.commands.send(message, zmq.NOBLOCK)
+
+    def receive(self, timeout_s: float) -> dict | None:
+        """The next event, or None after ``timeout_s``."""
+        if not self.events.poll(max(0, int(timeout_s * 1000))):
+            return None
+        return json.loads(self.events.recv())
+
+    def drain(self) -> None:
+        while self.events.poll(0):
+            self.events.recv()
+
+    def close(self) -> None:
+        self.commands.close(0)
+        self.events.close(0)
 
 
 class WriterAgent:
     """The writer agent's request handling (``on_request``/``on_kill`` of a primary service)."""
 
     def __init__(self, config: DetectorConfig, ipc_dir: str, image_timeout_s: float = 60.0,
-                 writer_timeout_s: float = 10.0,
+                 writer_timeout_s: float = 2.0,
                  progress: Callable[[dict], None] | None = None):
         self.config = config
         self.ipc_dir = ipc_dir
@@ -110,8 +173,9 @@ class WriterAgent:
         self._current: tuple[str, str] | None = None  # (request_id, output_file)
         self._kill = threading.Event()
         self._prepared: _Run | None = None
-        self.counters = {"requests": 0, "succeeded": 0, "failed": 0, "images_written": 0,
-                         "images_missing": 0}
+        self._link: WriterLink | None = None
+        self.counters = {"requests": 0, "succeeded": 0, "partial": 0, "failed": 0,
+                         "images_written": 0, "images_missing": 0}
 
     @property
     def busy(self) -> bool:
@@ -122,9 +186,9 @@ class WriterAgent:
         validate_write_request(request, self.config)
 
     def prepare(self, request_id: str, request: Any) -> None:
-        """Claim the detector and subscribe to its streams before the request is announced
-        as started (the broker service calls this first), so no image after the start is
-        missed."""
+        """Claim the detector and have the writer open the file before the request is
+        announced as started (the broker service calls this first), so no image after the
+        start is missed and a file that cannot be written refuses the request."""
         write = validate_write_request(request, self.config)
         if not self._busy.acquire(blocking=False):
             current_id, current_file = self._current or ("?", "?")
@@ -133,7 +197,11 @@ class WriterAgent:
         self._current = (request_id, write.output_file)
         self._kill.clear()
         try:
-            self._prepared = _Run(self, request_id, write)
+            if self._link is None:
+                self._link = WriterLink(self.ipc_dir, self.config.detector_name)
+            run = _Run(self, self._link, request_id, write)
+            run.start()
+            self._prepared = run
         except BaseException:
             self._current = None
             self._busy.release()
@@ -146,15 +214,14 @@ class WriterAgent:
         run, self._prepared = self._prepared, None
         self.counters["requests"] += 1
         try:
-            result = run.execute()
+            result = run.follow()
         except Exception:
             self.counters["failed"] += 1
             raise
         finally:
-            run.close()
             self._current = None
             self._busy.release()
-        self.counters["succeeded"] += 1
+        self.counters["succeeded" if result["outcome"] == "success" else "partial"] += 1
         self.counters["images_written"] += result["n_images"]
         self.counters["images_missing"] += result["n_missing"]
         return result
@@ -164,140 +231,105 @@ class WriterAgent:
             log.info("kill of request %s: stopping the run", request_id)
             self._kill.set()
 
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
 
 class _Run:
-    """One request's run: forward images, follow the writer, build the result."""
+    """One request's run: start the writer, follow its events, build the result."""
 
-    def __init__(self, agent: WriterAgent, request_id: str, write: WriteRequest):
-        self.agent, self.request_id, self.write = agent, request_id, write
+    def __init__(self, agent: WriterAgent, link: WriterLink, request_id: str,
+                 write: WriteRequest):
+        self.agent, self.link, self.request_id, self.write = agent, link, request_id, write
         self.run_id = write.run_id if write.run_id is not None else time.time_ns()
         self.info = RunInfo(write.output_file, write.n_images, write.metadata, write.user_id,
                             write.compression)
-        self.sent = 0
-        self.next_id = write.start_image_id
-        self.writer_events: list[dict] = []
-        self.stop_event: dict | None = None
-        self.first_sent_at = self.last_event_at = 0.0
-        self.n_written = self.n_missing = 0
-        name = agent.config.detector_name
-        ctx = zmq.Context.instance()
-        self.images_sub = subscribe(ctx, ipc_address(agent.ipc_dir, name, "image"))
-        self.status_sub = subscribe(ctx, ipc_address(agent.ipc_dir, name, "writer-status"))
-        self.push = ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 1000)
-        self.push.connect(ipc_address(agent.ipc_dir, name, "writer"))
-        time.sleep(0.2)  # let both subscriptions reach their publishers
+        self.image_timeout_s = write.image_timeout or agent.image_timeout_s
+        self.progress = {"n_rows": 0, "n_written": 0, "n_missing": 0}
+        self.summary: RunSummary | None = None
+        self.writer_pid: int | None = None
 
-    def close(self) -> None:
-        self.images_sub.close(0)
-        self.status_sub.close(0)
-        self.push.close()
+    def start(self) -> None:
+        """Have the writer open the run; WriterError with the writer's reason if it cannot."""
+        self.link.drain()
+        self.link.send(StartCommand(self.run_id, self.info, self.image_timeout_s,
+                                    self.write.start_image_id).to_json())
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            event = self.link.receive(deadline - time.monotonic())
+            if event is None:
+                raise WriterError(f"h5 writer for {self.agent.config.detector_name} did not "
+                                  f"confirm the start within {START_TIMEOUT_S:g} s: is "
+                                  "stddaq-h5-writer running?")
+            if event.get("run_id") != self.run_id:
+                continue
+            if event["event"] == "error":
+                raise WriterError(f"h5 writer: {event['message']}")
+            self._on_event(event)
+            return
 
-    def execute(self) -> dict:
-        self._forward()
-        killed = self.agent._kill.is_set()
-        self._close_file()
-        stop = self.stop_event or {"n_written": 0, "n_missing": 0, "missing_image_ids": []}
-        return {"output_file": self.write.output_file, "run_id": self.run_id,
-                "n_images": stop["n_written"], "n_requested": self.write.n_images,
-                "n_missing": stop["n_missing"], "missing_image_ids": stop["missing_image_ids"],
-                "killed": killed}
+    def follow(self) -> dict:
+        """Relay progress until the writer's summary; stop the run on a kill."""
+        agent, timeout = self.agent, self.agent.writer_timeout_s
+        heard = time.monotonic()
+        stop_sent = False
+        while self.summary is None:
+            if agent._kill.is_set() and not stop_sent:
+                self.link.send(StopCommand(self.run_id).to_json())
+                stop_sent = True
+            event = self.link.receive(0.1)
+            now = time.monotonic()
+            if event is not None:
+                heard = now
+                self._on_event(event)
+            elif now - heard > timeout:
+                raise WriterError(
+                    f"h5 writer for {agent.config.detector_name} stopped answering (no "
+                    f"heartbeat for {timeout:g} s) after {self.progress['n_rows']} of "
+                    f"{self.write.n_images} images: {self.write.output_file} holds the "
+                    "images written; a restarted stddaq-h5-writer repairs it")
+        summary = self.summary
+        self._report(done=True)
+        if summary.outcome == "fail":
+            raise WriterError(f"{summary.message or summary.reason}; {summary.describe()}")
+        return {"output_file": summary.output_file, "run_id": self.run_id,
+                "outcome": summary.outcome, "n_images": summary.n_written,
+                "n_requested": self.write.n_images, "n_missing": summary.n_missing,
+                "missing_image_ids": summary.missing_image_ids, "n_good": summary.n_good,
+                "n_flagged": summary.n_flagged, "n_absent": summary.n_absent,
+                "absent_ranges": summary.absent_ranges, "killed": stop_sent,
+                "summary": summary.describe()}
 
-    def _send(self, meta: np.ndarray | np.void) -> None:
-        first = self.sent == 0
-        if first:
-            self.first_sent_at = time.monotonic()
-        self.push.send_multipart(image_message(meta, self.run_id, self.sent,
-                                               self.write.n_images,
-                                               self.info if first else None))
-        self.sent += 1
-        self.next_id = int(meta["id"]) + 1
-        self._report()
+    def _on_event(self, event: dict) -> None:
+        kind, run_id = event.get("event"), event.get("run_id")
+        if kind == "heartbeat":
+            pid = event.get("pid")
+            if self.writer_pid is not None and pid != self.writer_pid:
+                raise WriterError(
+                    f"h5 writer for {self.agent.config.detector_name} restarted during the "
+                    f"run (pid {self.writer_pid} -> {pid}) after {self.progress['n_rows']} of "
+                    f"{self.write.n_images} images: {self.write.output_file} holds the "
+                    "images written")
+            self.writer_pid = pid
+            return
+        if run_id != self.run_id:
+            return
+        if kind in ("start", "progress"):
+            self.progress.update({k: event[k] for k in self.progress if k in event})
+            self._report()
+        elif kind == "stop":
+            self.summary = RunSummary.from_event(event)
+            self.progress.update(n_rows=self.summary.n_rows, n_written=self.summary.n_written,
+                                 n_missing=self.summary.n_missing)
+        elif kind == "error":
+            raise WriterError(f"h5 writer: {event['message']}")
 
     def _report(self, done: bool = False) -> None:
         self.agent.progress({"request_id": self.request_id, "run_id": self.run_id,
                              "output_file": self.write.output_file,
-                             "n_images": self.write.n_images, "n_sent": self.sent,
-                             "n_written": self.n_written, "n_missing": self.n_missing,
-                             "done": done})
-
-    def _close_file(self) -> None:
-        """End the writer's run (a stop when it is short of images) and wait for its
-        summary; nothing to do when no image was sent (no file was opened)."""
-        if not self.sent:
-            return
-        if self.sent < self.write.n_images:
-            self.push.send_multipart(stop_message(self.run_id))
-        self._await_writer_stop()
-
-    def _forward(self) -> None:
-        agent, n = self.agent, self.write.n_images
-        images_sub = self.images_sub
-        if self.next_id is not None:
-            self._forward_buffered()
-        last_image = time.monotonic()
-        while self.sent < n and not agent._kill.is_set():
-            self._drain_status()
-            behind = self.sent > self.n_written + self.n_missing
-            if behind and time.monotonic() - max(self.first_sent_at, self.last_event_at) > \
-                    agent.writer_timeout_s:
-                raise WriterError(self._no_answer())
-            if images_sub.poll(100):
-                meta = np.frombuffer(images_sub.recv(), IMAGE_METADATA)[0]
-                if self.next_id is not None and int(meta["id"]) < self.next_id:
-                    continue
-                self._send(meta)
-                last_image = time.monotonic()
-            elif time.monotonic() - last_image > agent.image_timeout_s:
-                self._close_file()
-                raise WriterError(f"no image from detector {agent.config.detector_name} for "
-                                  f"{agent.image_timeout_s:g} s ({self.sent} of {n} written): "
-                                  "is the detector (or simulator) running?")
-
-    def _forward_buffered(self) -> None:
-        """Images from ``start_image_id`` on that are already in the ImageBuffer."""
-        name = shm_name(self.agent.config.detector_name, "image")
-        try:
-            images = ImageBuffer.attach(name)
-        except ShmBufferError:
-            return
-        try:
-            while self.sent < self.write.n_images and images.holds(self.next_id):
-                self._send(images.metadata(self.next_id).copy())
-        finally:
-            images.close()
-
-    def _drain_status(self) -> None:
-        while self.status_sub.poll(0):
-            event = json.loads(self.status_sub.recv())
-            if event.get("run_id") != self.run_id:
-                continue
-            self.writer_events.append(event)
-            self.last_event_at = time.monotonic()
-            if event["event"] in ("image", "stop"):
-                self.n_written, self.n_missing = event["n_written"], event["n_missing"]
-                self._report(done=event["event"] == "stop")
-            if event["event"] == "error":
-                raise WriterError(f"h5 writer: {event['message']}")
-            if event["event"] == "stop":
-                self.stop_event = event
-
-    def _await_writer_stop(self) -> None:
-        """Wait for the writer's stop of this run; its error becomes a WriterError."""
-        deadline = time.monotonic() + self.agent.writer_timeout_s
-        seen = len(self.writer_events)
-        while self.stop_event is None:
-            self._drain_status()
-            if len(self.writer_events) > seen:  # the writer is working: extend the wait
-                seen = len(self.writer_events)
-                deadline = time.monotonic() + self.agent.writer_timeout_s
-            if time.monotonic() > deadline:
-                raise WriterError(self._no_answer())
-            self.status_sub.poll(100)
-
-    def _no_answer(self) -> str:
-        return (f"h5 writer for {self.agent.config.detector_name} did not answer within "
-                f"{self.agent.writer_timeout_s:g} s: is stddaq-h5-writer running?")
+                             "n_images": self.write.n_images, **self.progress, "done": done})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,10 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="routing key of the requests to serve (default: the service name)")
     parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
     parser.add_argument("--image-timeout", type=float, default=60.0,
-                        help="fail a request when no image arrives for this long (s)")
-    parser.add_argument("--writer-timeout", type=float, default=10.0,
-                        help="fail a request when stddaq-h5-writer does not answer for this "
-                        "long (s)")
+                        help="end a run as failed when no image arrives for this long (s); "
+                        "a request's image_timeout field overrides it (default 60)")
+    parser.add_argument("--writer-timeout", type=float, default=2.0,
+                        help="fail a request when stddaq-h5-writer sends no heartbeat for "
+                        "this long (s; it sends one every 0.5 s; default 2)")
     try:
         name, raw_config, args = service_setup(parser, argv)
         config = parse_config(raw_config, source=args.json_config_file)

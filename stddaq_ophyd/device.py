@@ -17,6 +17,7 @@ Constructing the device contacts nothing: connections open at the first stage/ki
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ from fastcore.config import DetectorConfig, load_config, parse_config
 from services.daq_client import DaqClient, DaqError, WriteRun
 from services.startup import redis_client
 
+log = logging.getLogger(__name__)
 
 class StdDaqError(RuntimeError):
     """std-daq refused or failed a request; the message is std-daq's."""
@@ -132,12 +134,16 @@ class StdDaqDetector(Device):
     def _finish(self) -> None:
         """Stop the current request (if any) and wait until std-daq closed the file."""
         run, self._run = self._run, None
-        if run is None or run.done.is_set():
+        if run is None:
             return
-        try:
-            self.client.kill(run, timeout=self.unstage_timeout)
-        except DaqError as exc:
-            raise StdDaqError(f"{self.name}: stopping the write failed: {exc}") from None
+        if not run.done.is_set():
+            try:
+                self.client.kill(run, timeout=self.unstage_timeout)
+            except DaqError as exc:
+                raise StdDaqError(f"{self.name}: stopping the write failed: {exc}") from None
+        result = run.result or {}
+        if result.get("n_missing") or result.get("n_flagged") or result.get("n_absent"):
+            log.warning("%s: %s", self.name, run.summary)
 
     def stage(self) -> list[Device]:
         self._flying = False

@@ -15,7 +15,6 @@ from fastcore.formats import (
     RAW_METADATA,
     SHM_HEADER,
     SHM_HEADER_BYTES,
-    STORE_STREAM,
     code_dtype,
     dtype_code,
     pack,
@@ -29,7 +28,6 @@ from fastcore.formats import (
         (MODULE_FRAME, 64),
         (RAW_METADATA, 40),
         (IMAGE_METADATA, 72),
-        (STORE_STREAM, 88),
         (JUNGFRAU_HEADER, 48),
         (EIGER_HEADER, 48),
         (GIGAFROST_HEADER, 32),
@@ -59,15 +57,6 @@ def test_stream_structs_are_packed_little_endian_u64(dtype, names):
         field_dtype, offset = dtype.fields[name][:2]
         assert field_dtype == np.dtype("<u8"), name
         assert offset == 8 * i, name
-
-
-def test_store_stream_layout():
-    fields = STORE_STREAM.fields
-    assert fields["image_metadata"][0] == IMAGE_METADATA
-    assert fields["image_metadata"][1] == 0
-    assert fields["run_id"][1] == 72 and fields["run_id"][0] == np.dtype("<u8")
-    assert fields["i_image"][1] == 80 and fields["i_image"][0] == np.dtype("<u4")
-    assert fields["n_images"][1] == 84 and fields["n_images"][0] == np.dtype("<u4")
 
 
 # offsets and types as in research/detector_buffer.md

@@ -23,41 +23,53 @@ from fastcore.config import load_config
 from fastcore.formats import IMAGE_METADATA, ImageStatus, dtype_code
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, daq_rec_of, pulse_id_of
-from fastcore.writer_protocol import RunInfo, image_message, stop_message
+from fastcore.writer_protocol import RunInfo, StartCommand, StopCommand
 from tests.conftest import REPO, Proc, module_cmd
 from tests.pipeline import Pipeline
 
 
 class WriterHarness:
-    """A writer process fed by the test, which plays the assembler and the writer agent."""
+    """A writer process fed by the test, which plays the assembler (ImageBuffer and its
+    ImageMetadata stream) and the writer agent (commands, events)."""
 
     def __init__(self, config_path, raw, ipc_dir, log_dir, n_slots=16, start_buffer=True,
                  extra=()):
         self.raw, self.name = raw, raw["detector_name"]
+        self.config_path, self.ipc_dir, self.log_dir, self.extra = (config_path, ipc_dir,
+                                                                    log_dir, extra)
         self.config = load_config(config_path)
         self.images = (ImageBuffer.create(shm_name(self.name, "image"), n_slots,
                                           self.config.image_shape, self.config.image_dtype)
                        if start_buffer else None)
-        self.writer = Proc(module_cmd("fastcore.h5_writer", str(config_path), "--ipc-dir",
-                                      ipc_dir, *extra), log_dir / "writer.log")
-        self.writer.wait_for("ready")
         ctx = zmq.Context.instance()
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.bind(ipc_address(ipc_dir, self.name, "image"))
         self.push = ctx.socket(zmq.PUSH)
         self.push.connect(ipc_address(ipc_dir, self.name, "writer"))
         self.status = ctx.socket(zmq.SUB)
         self.status.setsockopt(zmq.SUBSCRIBE, b"")
         self.status.connect(ipc_address(ipc_dir, self.name, "writer-status"))
-        time.sleep(0.3)
+        self.start_writer()
 
-    def put(self, image_id: int) -> np.void:
-        """Produce image ``image_id`` (every pixel = id % 65000 + row) in the buffer."""
+    def start_writer(self) -> None:
+        self.writer = Proc(module_cmd("fastcore.h5_writer", str(self.config_path),
+                                      "--ipc-dir", self.ipc_dir, *self.extra),
+                           self.log_dir / "writer.log")
+        self.writer.wait_for("ready")
+        time.sleep(0.3)  # the writer's and our subscriptions reach their publishers
+
+    def put(self, image_id: int, status: int = 0, publish: bool = True) -> np.void:
+        """Produce image ``image_id`` (every pixel = id % 65000 + row) in the buffer and
+        announce it (as the assembler does)."""
         image = self.images.begin_write(image_id)
         image[:] = (image_id % 65000 + np.arange(image.shape[0])[:, None]).astype(image.dtype)
         meta = np.zeros((), IMAGE_METADATA)
         meta["id"], meta["height"], meta["width"] = image_id, *image.shape
-        meta["dtype"] = dtype_code(image.dtype)
+        meta["dtype"], meta["status"] = dtype_code(image.dtype), status
         meta["user_1"], meta["user_2"] = pulse_id_of(image_id), daq_rec_of(image_id)
         self.images.commit(meta)
+        if publish:
+            self.pub.send(meta.tobytes())
         return meta
 
     @staticmethod
@@ -65,23 +77,40 @@ class WriterHarness:
         return np.broadcast_to((image_id % 65000 + np.arange(shape[0])[:, None]).astype(dtype),
                                shape)
 
-    def send(self, meta, run_id, i_image, n_images, info=None):
-        self.push.send_multipart(image_message(meta, run_id, i_image, n_images, info))
+    def start(self, out: str, n_images: int, run_id: int = 1, until: str = "start",
+              start_image_id: int | None = None, image_timeout: float = 30.0,
+              **info) -> dict:
+        """Start a run and return the writer's answer (``until``: start or error)."""
+        command = StartCommand(run_id, RunInfo(out, n_images, **info), image_timeout,
+                               start_image_id)
+        self.push.send(command.to_json())
+        return self.events(until=until)[-1]
 
-    def events(self, until: str = "stop", timeout: float = 15.0) -> list[dict]:
+    def stop(self, run_id: int) -> None:
+        self.push.send(StopCommand(run_id).to_json())
+
+    def events(self, until: str = "stop", timeout: float = 15.0,
+               skip=("heartbeat", "progress")) -> list[dict]:
         events = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.status.poll(100):
-                events.append(json.loads(self.status.recv()))
-                if events[-1]["event"] == until:
-                    return events
+                event = json.loads(self.status.recv())
+                if event["event"] == until:
+                    return [*events, event]
+                if event["event"] not in skip:
+                    events.append(event)
         raise AssertionError(f"no {until!r} event in {timeout} s: {events}\n"
                              f"{self.writer.output}")
 
+    def written(self, n_rows: int) -> None:
+        """Wait until the writer reported ``n_rows`` rows."""
+        while self.events(until="progress")[-1]["n_rows"] < n_rows:
+            pass
+
     def close(self) -> int:
-        self.push.close(0)
-        self.status.close(0)
+        for sock in (self.pub, self.push, self.status):
+            sock.close(0)
         code = self.writer.stop()
         if self.images is not None:
             self.images.close()
@@ -134,21 +163,22 @@ with h5py.File({path!r}, "r") as f:
     return report
 
 
+
 @pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
 def test_writes_images_and_metadata(compression, harness, tmp_path):
     h = harness()
     out = str(tmp_path / f"run_{compression}.h5")
-    metas = [h.put(image_id) for image_id in range(100, 110)]
-    info = RunInfo(out, 10, metadata={"user": "e12345", "sample": "lysozyme"},
-                   compression=compression)
-    for i, meta in enumerate(metas):
-        h.send(meta, 7, i, 10, info if i == 0 else None)
-    events = h.events()
-    assert events[0] == {"event": "start", "run_id": 7, "output_file": out, "n_images": 10}
-    assert [e["i_image"] for e in events if e["event"] == "image"] == list(range(10))
-    assert events[-1] | {"missing_image_ids": []} == {
+    start = h.start(out, 10, run_id=7, metadata={"user": "e12345", "sample": "lysozyme"},
+                    compression=compression)
+    assert start == {"event": "start", "run_id": 7, "output_file": out, "n_images": 10}
+    for image_id in range(100, 112):  # two more than asked for: not written
+        h.put(image_id)
+    stop = h.events()[-1]
+    assert stop | {"absent_ranges": [], "missing_image_ids": [], "n_flagged": {}} == {
         "event": "stop", "run_id": 7, "output_file": out, "n_images": 10, "n_written": 10,
-        "n_missing": 0, "missing_image_ids": [], "reason": "completed"}
+        "n_missing": 0, "n_good": 10, "n_flagged": {}, "n_absent": 0, "absent_ranges": [],
+        "missing_image_ids": [], "n_id_resets": 0, "reason": "completed", "message": "",
+        "outcome": "success"}
     report = check_in_fresh_process(out, h.name, list(range(100, 110)), [0] * 10)
     assert ("32008" in report["filters"]) == (compression == "bitshuffle-lz4")
     assert json.loads(report["attrs"]["request_metadata"])["sample"] == "lysozyme"
@@ -156,16 +186,41 @@ def test_writes_images_and_metadata(compression, harness, tmp_path):
     assert report["attrs"]["software_version"].startswith("stddaq ")
 
 
+def test_images_before_the_start_are_not_written(harness, tmp_path):
+    h = harness()
+    h.put(1)
+    h.put(2)
+    time.sleep(0.3)
+    out = str(tmp_path / "after.h5")
+    h.start(out, 2)
+    h.put(3)
+    h.put(4)
+    assert h.events()[-1]["outcome"] == "success"
+    check_in_fresh_process(out, h.name, [3, 4], [0, 0])
+
+
+def test_several_records_in_one_message_are_all_written(harness, tmp_path):
+    h = harness()
+    out = str(tmp_path / "batch.h5")
+    h.start(out, 6)
+    metas = [h.put(image_id, publish=False) for image_id in range(10, 16)]
+    h.pub.send(b"".join(m.tobytes() for m in metas[:4]))
+    h.pub.send(b"".join(m.tobytes() for m in metas[4:]))
+    assert h.events()[-1]["n_written"] == 6
+    check_in_fresh_process(out, h.name, list(range(10, 16)), [0] * 6)
+
+
 def test_overwritten_images_are_recorded_missing_not_written(harness, tmp_path):
     h = harness(n_slots=4)
     out = str(tmp_path / "slow.h5")
-    metas = [h.put(image_id) for image_id in range(1, 9)]  # 1..4 overwritten by 5..8
-    info = RunInfo(out, 8)
-    for i, meta in enumerate(metas):
-        h.send(meta, 1, i, 8, info if i == 0 else None)
+    h.start(out, 8)
+    metas = [h.put(image_id, publish=False) for image_id in range(1, 9)]  # 1..4 overwritten
+    for meta in metas:
+        h.pub.send(meta.tobytes())
     stop = h.events()[-1]
-    assert stop["n_written"] == 4 and stop["n_missing"] == 4
+    assert (stop["n_written"], stop["n_missing"], stop["n_good"]) == (4, 4, 4)
     assert stop["missing_image_ids"] == [1, 2, 3, 4]
+    assert stop["n_flagged"] == {"NOT_IN_BUFFER": 4} and stop["outcome"] == "partial"
     with h5py.File(out, "r") as f:
         data, status = f[h.name]["data"], f[h.name]["status"][:]
         assert list(status) == [ImageStatus.NOT_IN_BUFFER] * 4 + [0] * 4
@@ -175,26 +230,123 @@ def test_overwritten_images_are_recorded_missing_not_written(harness, tmp_path):
                                                               data.dtype))
 
 
+def test_flagged_and_absent_images_are_counted(harness, tmp_path):
+    h = harness()
+    out = str(tmp_path / "flags.h5")
+    h.start(out, 6)
+    h.put(1)
+    h.put(2, status=ImageStatus.MISSING_PACKETS)
+    h.put(5, status=ImageStatus.MISSING_PACKETS | ImageStatus.MISSING_MODULES)
+    h.put(6)
+    h.put(10)
+    h.put(11, status=ImageStatus.ID_MISMATCH)
+    stop = h.events()[-1]
+    assert stop["outcome"] == "partial" and stop["reason"] == "completed"
+    assert (stop["n_written"], stop["n_good"]) == (6, 3)
+    assert stop["n_flagged"] == {"MISSING_PACKETS": 2, "MISSING_MODULES": 1,
+                                 "ID_MISMATCH": 1}
+    assert (stop["n_absent"], stop["absent_ranges"]) == (5, [[3, 4], [7, 9]])
+    check_in_fresh_process(out, h.name, [1, 2, 5, 6, 10, 11], [0, 1, 3, 0, 0, 4])
+
+
+def test_frame_ids_that_restart_are_written_and_counted(harness, tmp_path):
+    h = harness()
+    out = str(tmp_path / "reset.h5")
+    h.start(out, 4)
+    for image_id in (100, 101, 1, 2):  # the detector was re-armed
+        h.put(image_id)
+    stop = h.events()[-1]
+    assert (stop["outcome"], stop["n_id_resets"], stop["n_absent"]) == ("success", 1, 0)
+    check_in_fresh_process(out, h.name, [100, 101, 1, 2], [0] * 4)
+
+
+def test_start_image_id_takes_buffered_images_first(harness, tmp_path):
+    h = harness()
+    for image_id in range(20, 25):
+        h.put(image_id)
+    out = str(tmp_path / "range.h5")
+    h.start(out, 6, start_image_id=22)
+    for image_id in range(25, 30):
+        h.put(image_id)
+    stop = h.events()[-1]
+    assert stop["outcome"] == "success"
+    check_in_fresh_process(out, h.name, list(range(22, 28)), [0] * 6)
+
+
+def test_start_image_id_no_longer_in_the_buffer_is_reported_absent(harness, tmp_path):
+    h = harness(n_slots=20)
+    for image_id in range(1, 31):  # 1..10 were overwritten
+        h.put(image_id)
+    out = str(tmp_path / "gone.h5")
+    h.start(out, 20, start_image_id=2)
+    h.written(18)  # 13..30 from the buffer: the oldest kept, past the tenth rewritten next
+    h.put(31)
+    h.put(32)
+    stop = h.events()[-1]
+    assert (stop["n_absent"], stop["absent_ranges"]) == (11, [[2, 12]])
+    assert stop["outcome"] == "partial"
+    check_in_fresh_process(out, h.name, list(range(13, 33)), [0] * 20)
+
+
+def test_a_pause_shorter_than_the_image_timeout_completes(harness, tmp_path):
+    h = harness()
+    out = str(tmp_path / "pause.h5")
+    h.start(out, 4, image_timeout=3.0)
+    h.put(1)
+    h.put(2)
+    beats = h.events(until="heartbeat", skip=("progress",))
+    beats += h.events(until="heartbeat", skip=("progress",), timeout=2.5)
+    assert len(beats) == 2, "the writer sends a heartbeat every 0.5 s while it waits"
+    time.sleep(1.0)
+    h.put(3)
+    h.put(4)
+    assert h.events()[-1]["outcome"] == "success"
+
+
+def test_no_image_for_the_image_timeout_ends_the_run_with_a_valid_file(harness, tmp_path):
+    h = harness()
+    out = str(tmp_path / "timeout.h5")
+    h.start(out, 10, image_timeout=1.0)
+    h.put(1)
+    h.put(2)
+    started = time.monotonic()
+    stop = h.events()[-1]
+    assert time.monotonic() - started < 3.0
+    assert (stop["reason"], stop["outcome"], stop["n_written"]) == ("image timeout", "fail", 2)
+    assert stop["message"] == (f"no image from detector {h.name} for 1 s: is the detector "
+                               "(or simulator) running?")
+    check_in_fresh_process(out, h.name, [1, 2], [0, 0])
+
+
 def test_stop_mid_run_leaves_a_valid_shorter_file(harness, tmp_path):
     h = harness()
     out = str(tmp_path / "stopped.h5")
-    info = RunInfo(out, 100)
+    h.start(out, 100, run_id=3)
     for i in range(5):
-        h.send(h.put(50 + i), 3, i, 100, info if i == 0 else None)
-    h.push.send_multipart(stop_message(3))
+        h.put(50 + i)
+    h.written(5)
+    h.stop(2)  # not the open run: ignored
+    h.stop(3)
     stop = h.events()[-1]
-    assert stop["reason"] == "stopped" and stop["n_written"] == 5
+    assert (stop["reason"], stop["outcome"], stop["n_written"]) == ("stopped", "partial", 5)
     check_in_fresh_process(out, h.name, list(range(50, 55)), [0] * 5)
+    assert not os.path.exists(os.path.join(tmp_path, ".stopped.h5.reserve"))
 
 
 def test_new_run_closes_the_open_one(harness, tmp_path):
     h = harness()
     first, second = str(tmp_path / "first.h5"), str(tmp_path / "second.h5")
-    h.send(h.put(1), 1, 0, 10, RunInfo(first, 10))
-    h.send(h.put(2), 1, 1, 10)
-    h.send(h.put(3), 2, 0, 1, RunInfo(second, 1))
-    events = h.events()
-    assert events[-1]["reason"] == "replaced by run 2" and events[-1]["n_written"] == 2
+    h.start(first, 10, run_id=1)
+    h.put(1)
+    h.put(2)
+    h.written(2)
+    h.push.send(StartCommand(2, RunInfo(second, 1), 30.0).to_json())
+    replaced = h.events()[-1]
+    assert (replaced["run_id"], replaced["reason"], replaced["n_written"]) == (
+        1, "replaced", 2)
+    assert replaced["message"] == "replaced by run 2" and replaced["outcome"] == "fail"
+    h.events(until="start")
+    h.put(3)
     second_stop = h.events()[-1]
     assert (second_stop["run_id"], second_stop["reason"], second_stop["n_written"]) == (
         2, "completed", 1)
@@ -205,15 +357,14 @@ def test_new_run_closes_the_open_one(harness, tmp_path):
 def test_sigterm_mid_run_closes_a_valid_file(harness, tmp_path):
     h = harness()
     out = str(tmp_path / "sigterm.h5")
-    info = RunInfo(out, 50)
+    h.start(out, 50, run_id=4)
     for i in range(6):
-        h.send(h.put(10 + i), 4, i, 50, info if i == 0 else None)
-    events = h.events(until="image")
-    while len([e for e in events if e["event"] == "image"]) < 6:
-        events += h.events(until="image")
+        h.put(10 + i)
+    h.written(6)
     h.writer.popen.send_signal(signal.SIGTERM)
     stop = h.events()[-1]
-    assert stop["reason"] == "interrupted" and stop["n_written"] == 6
+    assert (stop["reason"], stop["outcome"], stop["n_written"]) == ("interrupted", "fail", 6)
+    assert "SIGTERM" in stop["message"]
     assert h.writer.popen.wait(10) == 0
     check_in_fresh_process(out, h.name, list(range(10, 16)), [0] * 6)
 
@@ -221,19 +372,18 @@ def test_sigterm_mid_run_closes_a_valid_file(harness, tmp_path):
 def test_bad_directory_is_reported_and_the_writer_keeps_serving(harness, tmp_path):
     h = harness()
     missing = str(tmp_path / "no" / "such" / "dir" / "x.h5")
-    h.send(h.put(1), 1, 0, 1, RunInfo(missing, 1))
-    error = h.events(until="error")[-1]
+    error = h.start(missing, 1, until="error")
     assert error["run_id"] == 1
     assert error["message"] == (f"cannot write {missing}: directory "
                                 f"{os.path.dirname(missing)} does not exist")
-    h.send(h.put(2), 1, 1, 1)  # further images of the failed run: no new error, no crash
+    h.put(1)  # images while no run is open: dropped, no error, no crash
     existing = tmp_path / "exists.h5"
     existing.write_bytes(b"precious")
-    h.send(h.put(3), 2, 0, 1, RunInfo(str(existing), 1))
-    assert "the file exists" in h.events(until="error")[-1]["message"]
+    assert "the file exists" in h.start(str(existing), 1, 2, until="error")["message"]
     assert existing.read_bytes() == b"precious"
     good = str(tmp_path / "good.h5")
-    h.send(h.put(4), 3, 0, 1, RunInfo(good, 1))
+    h.start(good, 1, 3)
+    h.put(4)
     assert h.events()[-1]["reason"] == "completed"
     check_in_fresh_process(good, h.name, [4], [0])
 
@@ -249,12 +399,12 @@ def test_writes_as_writer_user_id(harness, tmp_path):
         os.mkdir(shared)
         os.chmod(shared, 0o777)
         out = os.path.join(shared, "owned.h5")
-        h.send(h.put(1), 1, 0, 1, RunInfo(out, 1))
+        h.start(out, 1)
+        h.put(1)
         assert h.events()[-1]["reason"] == "completed"
         assert os.stat(out).st_uid == 65534
         denied = os.path.join(top, "denied.h5")  # top is root's, mode 755
-        h.send(h.put(2), 2, 0, 1, RunInfo(denied, 1))
-        assert h.events(until="error")[-1]["message"] == (
+        assert h.start(denied, 1, 2, until="error")["message"] == (
             f"cannot write {denied}: permission denied")
     finally:
         shutil.rmtree(top)
@@ -272,15 +422,14 @@ def test_full_disk_mid_run_gives_error_and_a_readable_partial_file(harness, tmp_
     try:
         h = harness()
         out = os.path.join(mount_point, "full.h5")
-        info = RunInfo(out, 10)  # 10 x 2.1 MB images never fit in 6 MB
+        h.start(out, 10, run_id=5)  # 10 x 2.1 MB images never fit in 6 MB
         for i in range(10):
-            h.send(h.put(200 + i), 5, i, 10, info if i == 0 else None)
-        events = h.events()
-        errors = [e for e in events if e["event"] == "error"]
-        assert errors and "failed" in errors[0]["message"] and out in errors[0]["message"]
-        stop = events[-1]
-        assert stop["reason"] == "error" and 0 < stop["n_written"] < 10
+            h.put(200 + i)
+        stop = h.events()[-1]
+        assert (stop["reason"], stop["outcome"]) == ("error", "fail")
+        assert "failed" in stop["message"] and out in stop["message"]
         written = stop["n_written"]
+        assert 0 < written < 10
         check_in_fresh_process(out, h.name, list(range(200, 200 + written)), [0] * written)
         assert "ready" in h.writer.output and h.writer.popen.poll() is None
     finally:
@@ -288,21 +437,28 @@ def test_full_disk_mid_run_gives_error_and_a_readable_partial_file(harness, tmp_
         os.rmdir(mount_point)
 
 
-def test_malformed_message_is_reported(harness):
+def test_malformed_and_stale_commands_are_reported(harness, tmp_path):
     h = harness()
-    h.push.send_multipart([b"not a store stream"])
-    error = h.events(until="error")[-1]
-    assert "expected [StoreStream (88 B)" in error["message"]
-    h.push.send_multipart([image_message(h.put(1), 1, 0, 1)[0], b'{"output_file": "rel.h5"}'])
-    assert "bad run info" in h.events(until="error")[-1]["message"]
+    h.push.send(b"not a command")
+    assert "a writer command must be a JSON object" in h.events(until="error")[-1]["message"]
+    h.push.send(b'{"command": "start", "run_id": 1, "image_timeout_s": 1, '
+                b'"run_info": {"output_file": "rel.h5", "n_images": 1}}')
+    assert "output_file: expected an absolute path" in h.events(until="error")[-1]["message"]
+    h.push.send(b'{"command": "start", "run_id": 1, "image_timeout_s": 1, '
+                b'"run_info": {"output_file": "/x.h5", "n_images": 4000000000000}}')
+    assert "n_images: expected an integer from 1 to" in h.events(until="error")[-1]["message"]
+    stale = StartCommand(9, RunInfo(str(tmp_path / "late.h5"), 1), 30.0,
+                         sent_at=time.time() - 60)
+    h.push.send(stale.to_json())
+    message = h.events(until="error")[-1]["message"]
+    assert "was sent 60 s ago (queued while the writer was down?): ignored" in message
+    assert not os.path.exists(tmp_path / "late.h5")
 
 
 def test_missing_image_buffer_is_reported(harness, tmp_path):
     h = harness(start_buffer=False)
-    meta = np.zeros((), IMAGE_METADATA)
-    meta["id"] = 1
-    h.send(meta, 1, 0, 1, RunInfo(str(tmp_path / "x.h5"), 1))
-    assert f"stddaq.{h.name}.image does not exist" in h.events(until="error")[-1]["message"]
+    message = h.start(str(tmp_path / "x.h5"), 1, until="error")["message"]
+    assert f"stddaq.{h.name}.image does not exist" in message
 
 
 def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
@@ -310,7 +466,7 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
     path, raw = make_config("jungfrau_1m.json")
     config = load_config(path)
     n = 8
-    with Pipeline(path, raw, ipc_dir, tmp_path) as pipeline:
+    with Pipeline(path, raw, ipc_dir, tmp_path):
         writer = Proc(module_cmd("fastcore.h5_writer", str(path), "--ipc-dir", ipc_dir,
                                  "--compression", "bitshuffle-lz4"), tmp_path / "writer.log")
         try:
@@ -321,20 +477,22 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
             status = ctx.socket(zmq.SUB)
             status.setsockopt(zmq.SUBSCRIBE, b"")
             status.connect(ipc_address(ipc_dir, config.detector_name, "writer-status"))
-            sub = pipeline.subscribe()
-            DetectorSimulator(config).run(n, 30)
-            records = pipeline.collect(sub, n)
+            time.sleep(0.3)
             out = str(tmp_path / f"e2e_{uuid.uuid4().hex[:6]}.h5")
-            info = RunInfo(out, n)
-            for i, record in enumerate(records):
-                push.send_multipart(image_message(record, 9, i, n, info if i == 0 else None))
-            deadline = time.monotonic() + 20
-            stop = None
-            while stop is None and time.monotonic() < deadline:
-                if status.poll(100):
-                    event = json.loads(status.recv())
-                    stop = event if event["event"] == "stop" else None
-            assert stop and stop["n_written"] == n, writer.output
+            push.send(StartCommand(9, RunInfo(out, n), 30.0).to_json())
+            def next_event(kind: str) -> dict:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    if status.poll(100) and (event := json.loads(status.recv()))["event"] == kind:
+                        return event
+                raise AssertionError(f"no {kind} event: {writer.output}")
+
+            next_event("start")
+            DetectorSimulator(config).run(n, 30)
+            events = [next_event("stop")]
+            stop = events[-1]
+            assert stop["event"] == "stop" and stop["n_written"] == n, writer.output
+            assert stop["outcome"] == "success", stop
             push.close(0)
             status.close(0)
         finally:
@@ -352,13 +510,11 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
 def test_file_is_swmr_readable_while_written(harness, tmp_path):
     h = harness()
     out = str(tmp_path / "live.h5")
-    info = RunInfo(out, 20)
+    h.start(out, 20, run_id=6)
     for i in range(5):
-        h.send(h.put(300 + i), 6, i, 20, info if i == 0 else None)
-    seen = 0
-    while seen < 5:
-        seen += sum(e["event"] == "image" for e in h.events(until="image"))
-    time.sleep(1.0)  # the writer flushes for SWMR readers when idle for 0.5 s
+        h.put(300 + i)
+    h.written(5)
+    time.sleep(1.0)  # the writer flushes for SWMR readers at least every 0.5 s
     script = f"""
 import json, h5py, hdf5plugin
 with h5py.File({out!r}, "r", swmr=True) as f:
@@ -373,6 +529,29 @@ with h5py.File({out!r}, "r", swmr=True) as f:
     assert rows == 5 and ids == list(range(300, 305))
     assert pixel_max == int(h.expected(304, h.images.shape, h.images.dtype).max())
     for i in range(5, 20):
-        h.send(h.put(300 + i), 6, i, 20)
+        h.put(300 + i)
     assert h.events()[-1]["n_written"] == 20
     check_in_fresh_process(out, h.name, list(range(300, 320)), [0] * 20)
+
+
+def test_kill_9_leaves_a_file_the_restarted_writer_repairs(harness, tmp_path):
+    h = harness()
+    out = tmp_path / "killed.h5"
+    h.start(str(out), 100)
+    for image_id in range(1, 13):
+        h.put(image_id)
+    h.written(12)  # reported written = flushed: a kill cannot take them back
+    reserve = tmp_path / ".killed.h5.reserve"
+    journal = os.path.join(h.ipc_dir, f"stddaq-{h.name}-writer.open")
+    assert reserve.exists() and os.path.exists(journal)
+    h.writer.popen.kill()
+    h.writer.popen.wait(10)
+    with pytest.raises(OSError):
+        h5py.File(out, "r")  # still marked open for write by the dead writer
+    h.start_writer()
+    assert "repaired the file left open by a killed writer" in h.writer.output
+    assert not reserve.exists() and not os.path.exists(journal)
+    check_in_fresh_process(str(out), h.name, list(range(1, 13)), [0] * 12)
+    h.start(str(tmp_path / "next.h5"), 1, run_id=2)  # and it serves the next run
+    h.put(13)
+    assert h.events()[-1]["outcome"] == "success"

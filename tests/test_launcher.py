@@ -13,11 +13,13 @@ import pika
 import pytest
 import redis
 
+from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import ImageStatus
 from services.broker.protocol import request_queue_name
 from services.daq_client import DaqClient
 from tests.conftest import Proc, free_tcp_port, module_cmd
+from tests.test_cli_tools import REQUEST, assert_one_error_line, cli
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -98,3 +100,27 @@ def test_a_killed_service_is_restarted_and_the_acquisition_still_ends_in_a_file(
     # images lost from the buffer are recorded as such; frames cut by the kill are flagged
     assert sum(bool(s & ImageStatus.NOT_IN_BUFFER) for s in statuses) == result["n_missing"]
     assert statuses.count(0) >= 60, str(statuses)  # a restart costs a few images, not the run
+
+
+def test_request_cli_exit_code_tells_success_from_partial(launched):
+    """stddaq-request against the whole std-daq: 0 only when every image is there."""
+    _, _, config, out_dir, _ = launched
+    tag = f"{config.detector_name}.writer"
+    ok = cli(REQUEST, tag, "--set", f"output_file={out_dir / 'ok.h5'}", "--set",
+             "n_images=5", "--timeout", "60", timeout=90)
+    assert ok.returncode == 0, ok.stderr
+    with ImageBuffer.attach(shm_name(config.detector_name, "image")) as images:
+        deadline = time.monotonic() + 30  # until the ring wrapped: image 1 is gone
+        while time.monotonic() < deadline and not (
+                int(images.metadata(1)["id"]) > images.n_slots + 5):
+            time.sleep(0.2)
+    out = out_dir / "old.h5"
+    partial = cli(REQUEST, tag, "--set", f"output_file={out}", "--set", "n_images=5",
+                  "--set", "start_image_id=1", "--timeout", "60", timeout=90)
+    assert partial.returncode == 6, partial.stderr
+    error = assert_one_error_line(partial, "stddaq-request")
+    found = re.search(rf"{tag} partial: 5 of 5 images in {out} \(5 good, (\d+) ids never "
+                      r"arrived \(1-(\d+)\)\)$", error)
+    assert found and int(found[1]) == int(found[2]) > 5 + 200 // 10, error
+    with h5py.File(out, "r") as f:  # from the oldest image kept, past the tenth rewritten next
+        assert f[config.detector_name]["image_id"][0] == int(found[2]) + 1

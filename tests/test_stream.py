@@ -11,9 +11,9 @@ import zmq
 
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
-from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator
-from fastcore.writer_protocol import RunInfo, image_message
+from fastcore.writer_protocol import RunInfo, StartCommand
+from services.writer_agent import WriterLink
 from tests.conftest import Proc, free_tcp_port, module_cmd
 from tests.pipeline import Pipeline, expected_image
 
@@ -25,29 +25,20 @@ def start(module: str, config_path, ipc_dir: str, log_dir, *extra: str) -> Proc:
     return proc
 
 
-def write_file(ipc_dir: str, name: str, records, out: str) -> dict:
-    """Play the writer agent: wrap ``records`` into one run for the writer of ``name``."""
-    ctx = zmq.Context.instance()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(ipc_address(ipc_dir, name, "writer"))
-    status = ctx.socket(zmq.SUB)
-    status.setsockopt(zmq.SUBSCRIBE, b"")
-    status.connect(ipc_address(ipc_dir, name, "writer-status"))
-    time.sleep(0.3)
-    n = len(records)
-    for i, record in enumerate(records):
-        push.send_multipart(image_message(record, 1, i, n, RunInfo(out, n) if i == 0 else None))
-    deadline = time.monotonic() + 20
+def write_file(ipc_dir: str, name: str, first_id: int, n: int, out: str) -> dict:
+    """Play the writer agent: have the writer of ``name`` write images ``first_id`` on
+    (already in its buffer) to ``out``; its stop event."""
+    link = WriterLink(ipc_dir, name)
     try:
+        link.send(StartCommand(1, RunInfo(out, n), 30.0, first_id).to_json())
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if status.poll(100):
-                event = json.loads(status.recv())
-                if event["event"] in ("stop", "error"):
-                    return event
+            event = link.receive(0.1)
+            if event is not None and event["event"] in ("stop", "error"):
+                return event
         raise AssertionError("no stop from the writer")
     finally:
-        push.close(0)
-        status.close(0)
+        link.close()
 
 
 def test_replicated_buffer_writes_an_identical_file(make_config, ipc_dir, tmp_path):
@@ -72,10 +63,11 @@ def test_replicated_buffer_writes_an_identical_file(make_config, ipc_dir, tmp_pa
             records_b = pipeline.collect(sub_b, n)
             assert [r.tobytes() for r in records_b] == [r.tobytes() for r in records_a]
             file_a, file_b = str(tmp_path / "a.h5"), str(tmp_path / "b.h5")
-            assert write_file(ipc_dir, raw_a["detector_name"], records_a, file_a)[
-                "n_written"] == n
-            assert write_file(ipc_dir, raw_b["detector_name"], records_b, file_b)[
-                "n_written"] == n
+            first_id = int(records_a[0]["id"])
+            assert write_file(ipc_dir, raw_a["detector_name"], first_id, n, file_a)[
+                "outcome"] == "success"
+            assert write_file(ipc_dir, raw_b["detector_name"], first_id, n, file_b)[
+                "outcome"] == "success"
         finally:
             for proc in reversed(procs):
                 assert proc.stop() == 0, proc.output

@@ -6,6 +6,7 @@ broker side is tested in test_writer_agent_service.py.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -59,9 +60,10 @@ def setup(make_config, ipc_dir, tmp_path):
                   tmp_path / "writer.log")
     writer.wait_for("ready")
     progress = []
-    agent = WriterAgent(config, ipc_dir, image_timeout_s=3, writer_timeout_s=3,
+    agent = WriterAgent(config, ipc_dir, image_timeout_s=3, writer_timeout_s=2,
                         progress=progress.append)
     yield config, assembler, agent, progress
+    agent.close()
     assembler.close()
     assert writer.stop() == 0
 
@@ -77,7 +79,7 @@ def run_in_thread(agent, request_id, request):
 
     thread = threading.Thread(target=target)
     thread.start()
-    time.sleep(0.4)  # on_request subscribes (prepare) before images come
+    time.sleep(0.4)  # on_request has the writer open the file (prepare) before images come
     return thread, outcome
 
 
@@ -94,11 +96,11 @@ def test_request_writes_the_next_n_images(setup, tmp_path):
     result = outcome["result"]
     assert result["output_file"] == out and result["n_images"] == 5
     assert result["n_missing"] == 0 and result["killed"] is False
-    assert [p["n_sent"] for p in progress if p["n_written"] == 0][:1] == [1]
+    assert result["outcome"] == "success" and result["n_good"] == 5
     assert progress[-1] | {"request_id": "r1", "n_written": 5, "done": True} == progress[-1]
     assert progress[-1]["output_file"] == out and progress[-1]["n_images"] == 5
     written = [p["n_written"] for p in progress]
-    assert written == sorted(written) and set(range(1, 6)) <= set(written)
+    assert written == sorted(written) and written[0] == 0 and written[-1] == 5
     with h5py.File(out, "r") as f:
         assert list(f[config.detector_name]["image_id"]) == [10, 11, 12, 13, 14]
         assert f[config.detector_name]["data"][3].max() == 13
@@ -116,6 +118,7 @@ def test_start_image_id_takes_buffered_images_first(setup, tmp_path):
         assembler.emit(image_id)
     thread.join(15)
     assert outcome["result"]["n_images"] == 6
+    assert outcome["result"]["outcome"] == "success"
     with h5py.File(out, "r") as f:
         assert list(f[config.detector_name]["image_id"]) == [22, 23, 24, 25, 26, 27]
 
@@ -131,10 +134,13 @@ def test_kill_ends_the_run_with_a_valid_shorter_file(setup, tmp_path):
     agent.on_kill("another-request")  # not ours: ignored
     assembler.emit(4)
     time.sleep(0.2)
+    killed_at = time.monotonic()
     agent.on_kill("r3")
     thread.join(15)
+    assert time.monotonic() - killed_at < 2.0, "a kill ends the request within 2 s"
     result = outcome["result"]
     assert result["killed"] is True and result["n_images"] == 4
+    assert result["outcome"] == "partial"
     with h5py.File(out, "r") as f:
         assert f[config.detector_name]["data"].shape[0] == 4
 
@@ -166,10 +172,57 @@ def test_writer_error_fails_the_request_with_its_message(setup, tmp_path):
 
 def test_no_images_times_out_clearly(setup, tmp_path):
     config, _, agent, _ = setup
-    thread, outcome = run_in_thread(agent, "r7", {"output_file": str(tmp_path / "t.h5"),
-                                                  "n_images": 3})
+    out = tmp_path / "t.h5"
+    thread, outcome = run_in_thread(agent, "r7", {"output_file": str(out), "n_images": 3})
     thread.join(15)
-    assert f"no image from detector {config.detector_name} for 3 s" in str(outcome["error"])
+    assert str(outcome["error"]) == (
+        f"no image from detector {config.detector_name} for 3 s: is the detector (or "
+        f"simulator) running?; 0 of 3 images in {out} (0 good)")
+    with h5py.File(out, "r") as f:  # the file is valid, with what was written
+        assert f[config.detector_name]["data"].shape[0] == 0
+
+
+def test_a_request_image_timeout_overrides_the_default(setup, tmp_path):
+    _, assembler, agent, _ = setup
+    out = tmp_path / "short.h5"
+    started = time.monotonic()
+    thread, outcome = run_in_thread(agent, "r7b", {"output_file": str(out), "n_images": 3,
+                                                   "image_timeout": 1})
+    assembler.emit(1)
+    thread.join(15)
+    assert time.monotonic() - started < 3.0
+    assert "for 1 s: is the detector" in str(outcome["error"])
+    assert f"1 of 3 images in {out}" in str(outcome["error"])
+
+
+def test_a_pause_longer_than_the_writer_timeout_completes(setup, tmp_path):
+    """A detector pause (motor move, re-arm) shorter than the image timeout is normal."""
+    _, assembler, agent, _ = setup
+    agent.image_timeout_s = 30
+    out = str(tmp_path / "pause.h5")
+    thread, outcome = run_in_thread(agent, "r9", {"output_file": out, "n_images": 4})
+    assembler.emit(1)
+    assembler.emit(2)
+    time.sleep(3 * agent.writer_timeout_s)  # no image, no writer event but its heartbeat
+    assert thread.is_alive()
+    assembler.emit(3)
+    assembler.emit(4)
+    thread.join(15)
+    assert outcome["result"]["outcome"] == "success", outcome
+
+
+def test_lost_images_make_a_partial_result(setup, tmp_path):
+    _, assembler, agent, _ = setup
+    out = str(tmp_path / "gaps.h5")
+    thread, outcome = run_in_thread(agent, "r10", {"output_file": out, "n_images": 4})
+    for image_id in (1, 2, 6, 7):
+        assembler.emit(image_id)
+    thread.join(15)
+    result = outcome["result"]
+    assert (result["outcome"], result["n_absent"], result["absent_ranges"]) == (
+        "partial", 3, [[3, 5]])
+    assert result["summary"] == f"4 of 4 images in {out} (4 good, 3 ids never arrived (3-5))"
+    assert agent.counters["partial"] == 1
 
 
 @pytest.mark.parametrize("request_, message", [
@@ -179,6 +232,15 @@ def test_no_images_times_out_clearly(setup, tmp_path):
     ({"output_file": "/data/../etc/x.h5", "n_images": 1}, "'..' is not allowed"),
     ({"output_file": "/elsewhere/x.h5", "n_images": 1}, "is outside the output root"),
     ({"output_file": "{root}/x.h5"}, "n_images: missing"),
+    ({"output_file": "{root}/x.h5", "n_images": None}, "n_images: missing"),
+    ({"output_file": "{root}/x.h5", "n_images": 10**12}, "n_images: 1e.12 is too large"),
+    ({"output_file": "{root}/x.h5", "n_images": 2**70}, "n_images: .* is too large"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "run_id": 2**64 + 1}, "run_id: .* too"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "start_image_id": 2**64 + 5},
+     "start_image_id: .* is too large"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "user_id": 2**40}, "user_id: .* too"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "image_timeout": 0}, "image_timeout:"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "image_timeout": "1"}, "image_timeout:"),
     ({"output_file": "{root}/x.h5", "n_images": "ten"}, "n_images: expected an integer >= 1"),
     ({"output_file": "{root}/x.h5", "n_images": 0}, "n_images: expected an integer >= 1"),
     ({"output_file": "{root}/x.h5", "n_images": 1, "user_id": "e1"}, "user_id: expected"),
@@ -204,28 +266,59 @@ def test_fields_of_other_services_are_ignored(make_config, tmp_path):
     assert (request.output_file, request.n_images) == (out, 3)
 
 
-def test_writer_dying_mid_run_fails_the_request(make_config, ipc_dir, tmp_path):
+@pytest.mark.parametrize("how", ["sigterm", "kill -9"])
+def test_writer_going_away_mid_run_fails_the_request_at_once(how, make_config, ipc_dir,
+                                                              tmp_path):
     path, _ = make_config("jungfrau_1m.json")
     config = load_config(path)
     assembler = FakeAssembler(config, ipc_dir)
     writer = Proc(module_cmd("fastcore.h5_writer", str(path), "--ipc-dir", ipc_dir),
                   tmp_path / "writer.log")
+    agent = WriterAgent(config, ipc_dir, image_timeout_s=30, writer_timeout_s=2)
+    out = tmp_path / "d.h5"
     try:
         writer.wait_for("ready")
-        agent = WriterAgent(config, ipc_dir, image_timeout_s=30, writer_timeout_s=2)
-        thread, outcome = run_in_thread(agent, "r8", {"output_file": str(tmp_path / "d.h5"),
+        thread, outcome = run_in_thread(agent, "r8", {"output_file": str(out),
                                                       "n_images": 100})
         assembler.emit(1)
         time.sleep(0.5)
-        writer.stop()  # the writer goes away mid-run; images keep coming
-        for image_id in range(2, 40):
+        gone_at = time.monotonic()
+        if how == "sigterm":
+            writer.popen.terminate()
+        else:
+            writer.popen.kill()
+        for image_id in range(2, 40):  # images keep coming
             assembler.emit(image_id)
             time.sleep(0.1)
             if not thread.is_alive():
                 break
         thread.join(15)
-        assert "did not answer within 2 s: is stddaq-h5-writer running?" in str(
-            outcome["error"])
+        noticed = time.monotonic() - gone_at
+        error = str(outcome["error"])
+        if how == "sigterm":
+            assert noticed < 1.5, noticed
+            found = re.match(r"stddaq-h5-writer was stopped \(SIGTERM\) during the run; "
+                             rf"(\d+) of 100 images in {out} ", error)
+            assert found, error
+            with h5py.File(out, "r") as f:  # the file holds what the message says
+                assert f[config.detector_name]["data"].shape[0] == int(found[1]) >= 1
+        else:
+            assert noticed < 3.5, noticed
+            assert "stopped answering (no heartbeat for 2 s) after 1 of 100 images" in error
     finally:
         writer.stop()
+        agent.close()
         assembler.close()
+
+
+def test_no_writer_running_fails_at_once(make_config, ipc_dir, tmp_path):
+    path, _ = make_config("jungfrau_1m.json")
+    agent = WriterAgent(load_config(path), ipc_dir)
+    started = time.monotonic()
+    try:
+        with pytest.raises(WriterError, match="stddaq-h5-writer is not running"):
+            agent.on_request("r11", {"output_file": str(tmp_path / "x.h5"), "n_images": 1})
+    finally:
+        agent.close()
+    assert time.monotonic() - started < 2.0
+    assert not agent.busy and not (tmp_path / "x.h5").exists()

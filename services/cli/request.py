@@ -34,6 +34,7 @@ from services.cli import (
     EXIT_INTERRUPTED,
     EXIT_NOT_ROUTED,
     EXIT_OK,
+    EXIT_PARTIAL,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
@@ -95,6 +96,9 @@ exit codes:
   3    timeout: the services that did not finish are named
   4    RabbitMQ not reachable
   5    no service is bound to TAG (nothing would receive the request)
+  6    partial: a writer ended with fewer good images than requested (killed, images
+       flagged, lost or absent); the file holds what was written, the printed summary
+       says what is missing
   130  interrupted (Ctrl-C); the request keeps running: stop it with --kill
 
 environment: BROKER_HOST (default for --broker_url), REDIS_HOST, REDIS_PORT, NO_COLOR.
@@ -292,8 +296,17 @@ class Follow:
             parts.append("no service reported")
         return ", ".join(parts)
 
+    def partial(self) -> list[tuple[str, Any]]:
+        """The services that succeeded with a partial result (a writer's ``outcome``)."""
+        return [(name, statuses[-1][1]) for name, statuses in sorted(self.services.items())
+                if statuses[-1][0] == ACTION_REQUEST_SUCCESS
+                and isinstance(statuses[-1][1], dict)
+                and statuses[-1][1].get("outcome") == "partial"]
+
     def outcome(self) -> str:
-        return ACTION_REQUEST_FAIL if self.failed() else ACTION_REQUEST_SUCCESS
+        if self.failed():
+            return ACTION_REQUEST_FAIL
+        return "partial" if self.partial() else ACTION_REQUEST_SUCCESS
 
     def as_dict(self, status: str, tag: str) -> dict[str, Any]:
         return {"request_id": self.request_id, "tag": tag, "status": status,
@@ -484,6 +497,11 @@ def follow(session: Session, request_id: str, out: Out) -> int:
         reasons = "; ".join(f"{name} failed: {text_of(message) or '(no message)'}"
                             for name, message in failed)
         raise CliError(f"request {request_id}: {reasons}", EXIT_FAILED)
+    partial = state.partial()
+    if partial:
+        reasons = "; ".join(f"{name} partial: {message.get('summary') or text_of(message)}"
+                            for name, message in partial)
+        raise CliError(f"request {request_id}: {reasons}", EXIT_PARTIAL)
     return EXIT_OK
 
 

@@ -166,8 +166,9 @@ class Assembler:
                         batch.append(pull.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                for meta in self.assemble(np.frombuffer(b"".join(batch), RAW_METADATA)):
-                    pub.send(meta)
+                committed = self.assemble(np.frombuffer(b"".join(batch), RAW_METADATA))
+                if committed:  # one message per batch: consumers take several records
+                    pub.send(b"".join(committed))
                 if time.monotonic() - last_log > 5:
                     last_log = time.monotonic()
                     log.info("%d images assembled, %d flagged", self.images, self.flagged)

@@ -23,7 +23,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, ShmBufferError, SlotOverwrittenError, shm_name
 from fastcore.config import ConfigError, DetectorConfig, load_config
 from fastcore.detectors import module_format
-from fastcore.formats import IMAGE_METADATA
+from fastcore.formats import image_records
 from fastcore.geometry import module_blocks
 from fastcore.launch import ChildProcess
 from fastcore.process import ipc_address
@@ -95,14 +95,15 @@ class Demo:
         nbytes = images.shape[0] * images.shape[1] * images.dtype.itemsize
         while received < self.frames:
             if sub.poll(100):
-                meta = np.frombuffer(sub.recv(), IMAGE_METADATA)[0]
+                records = image_records(sub.recv())
                 now = time.monotonic()
                 first = first or now
                 last = quiet_since = now
-                received += 1
-                flagged += int(meta["status"]) != 0
-                image_id = int(meta["id"])
-                if self.check_every and image_id % self.check_every == 0:
+                received += len(records)
+                flagged += int(np.count_nonzero(records["status"]))
+                for image_id in records["id"].tolist():
+                    if not self.check_every or image_id % self.check_every:
+                        continue
                     try:
                         _, image = images.read(image_id)
                     except SlotOverwrittenError:

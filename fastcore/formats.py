@@ -32,7 +32,17 @@ RAW_METADATA = _u64_struct("id", "pulse_id", "frame_index", "daq_rec", "status")
 IMAGE_METADATA = _u64_struct(
     "id", "height", "width", "dtype", "encoding", "source_id", "status", "user_1", "user_2"
 )
-"""One assembled image in the ImageBuffer, published by the assembler (and stream_recv)."""
+"""One assembled image in the ImageBuffer, published by the assembler (and stream_recv); a
+message of the image stream holds one or more records (the assembler sends a batch as one)."""
+
+
+def image_records(message: bytes | memoryview) -> np.ndarray:
+    """The ImageMetadata records of one image-stream message; ValueError on a message that
+    is not a whole number of records."""
+    if not message or len(message) % IMAGE_METADATA.itemsize:
+        raise ValueError(f"an image-stream message holds whole {IMAGE_METADATA.itemsize}-byte "
+                         f"ImageMetadata records, got {len(message)} bytes")
+    return np.frombuffer(message, IMAGE_METADATA)
 
 class ImageStatus(enum.IntFlag):
     """Bit flags of RawMetadata.status and ImageMetadata.status (0 = good image)."""

@@ -36,7 +36,7 @@ import zmq
 from fastcore import __version__
 from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus
+from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus, image_records
 from fastcore.h5_recovery import RecoveryError, recover_file
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
 from fastcore.writer_protocol import (
@@ -525,10 +525,15 @@ class H5Writer:
         self._clear_journal()
 
     def _write_journal(self, file: RunFile) -> None:
-        if self.journal:
+        if not self.journal:
+            return
+        try:
             with open(self.journal, "w") as out:
                 json.dump({"output_file": file.path, "reserve": file.reserve,
                            "run_id": file.run_id}, out)
+        except OSError as exc:  # the run goes on; only a kill -9 repair is lost
+            log.warning("cannot write the writer journal %s (%s): if this writer is killed, "
+                        "repair %s with stddaq-h5-recover", self.journal, exc, file.path)
 
     def _clear_journal(self) -> None:
         if self.journal:
@@ -537,13 +542,15 @@ class H5Writer:
 
 
 def decode_records(messages: list[bytes]) -> np.ndarray:
-    """The ImageMetadata records of several messages (each holds one or more)."""
-    size = IMAGE_METADATA.itemsize
-    good = [m for m in messages if len(m) % size == 0]
-    if len(good) != len(messages):
-        log.warning("ignored %d ImageMetadata message(s) that are not a multiple of %d B",
-                    len(messages) - len(good), size)
-    return np.frombuffer(b"".join(good), IMAGE_METADATA)
+    """The ImageMetadata records of several image-stream messages; a malformed message is
+    logged and skipped (the writer goes on)."""
+    records = []
+    for message in messages:
+        try:
+            records.append(image_records(message))
+        except ValueError as exc:
+            log.warning("ignored a message of the image stream: %s", exc)
+    return np.concatenate(records) if records else np.empty(0, IMAGE_METADATA)
 
 
 def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,

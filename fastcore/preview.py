@@ -19,7 +19,7 @@ import zmq
 
 from fastcore.buffers import ImageBuffer, SlotOverwrittenError, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.formats import IMAGE_METADATA
+from fastcore.formats import image_records
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def serve(config: DetectorConfig, ipc_dir: str, address: str, rate_hz: float,
         while not stop.is_set():
             wait = next_send - time.monotonic() if pending is not None else 0.1
             if sub.poll(max(1, int(wait * 1000))):
-                pending = np.frombuffer(sub.recv(), IMAGE_METADATA)[0].copy()
+                pending = image_records(sub.recv())[-1].copy()  # the newest
             if pending is None or time.monotonic() < next_send:
                 continue
             meta, pending = pending, None

@@ -14,12 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import zmq
 
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.formats import IMAGE_METADATA
+from fastcore.formats import image_records
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
 
 log = logging.getLogger(__name__)
@@ -49,19 +48,20 @@ def send(config: DetectorConfig, ipc_dir: str, address: str, stop: threading.Eve
     try:
         while not stop.is_set():
             if sub.poll(100):
-                meta_bytes = sub.recv()
-                image_id = int(np.frombuffer(meta_bytes, IMAGE_METADATA)[0]["id"])
-                if not images.holds(image_id):
-                    images = images.refreshed()  # the assembler may have been restarted
-                data = images.image(image_id).tobytes()  # the one copy
-                if not images.holds(image_id):
-                    stats.dropped_overwritten += 1
-                    continue
-                try:
-                    push.send_multipart([meta_bytes, data], flags=zmq.NOBLOCK, copy=False)
-                    stats.images += 1
-                except zmq.Again:
-                    stats.dropped_slow_link += 1
+                for meta in image_records(sub.recv()):
+                    image_id = int(meta["id"])
+                    if not images.holds(image_id):
+                        images = images.refreshed()  # the assembler may have restarted
+                    data = images.image(image_id).tobytes()  # the one copy
+                    if not images.holds(image_id):
+                        stats.dropped_overwritten += 1
+                        continue
+                    try:
+                        push.send_multipart([meta.tobytes(), data], flags=zmq.NOBLOCK,
+                                            copy=False)
+                        stats.images += 1
+                    except zmq.Again:
+                        stats.dropped_slow_link += 1
             if time.monotonic() - last_log > _LOG_EVERY_S:
                 last_log = time.monotonic()
                 log.info("%s", stats)

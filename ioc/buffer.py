@@ -10,13 +10,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-import numpy as np
 import zmq
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from fastcore.buffers import segment_alive, shm_name
-from fastcore.formats import IMAGE_METADATA, code_dtype
+from fastcore.formats import code_dtype, image_records
 from fastcore.process import ipc_address, subscribe
 from ioc.common import write_if_changed
 
@@ -71,18 +70,18 @@ class ImageFollower:
                     alive = segment_alive(shm_name(self.detector_name, "image"))
                     stats = replace(stats, connected=alive)
                 if sub.poll(100):
-                    meta = np.frombuffer(sub.recv(), IMAGE_METADATA)[0]
-                    image_id = int(meta["id"])
-                    gap = image_id - stats.last_id - 1 if stats.counter else 0
-                    stats = replace(
-                        stats, connected=True, counter=stats.counter + 1,
-                        flagged=stats.flagged + (int(meta["status"]) != 0),
-                        lost=stats.lost + (gap if 0 < gap < 1_000_000 else 0),
-                        last_id=image_id, height=int(meta["height"]),
-                        width=int(meta["width"]),
-                        data_type=code_dtype(int(meta["dtype"])).name)
-                    now = last_seen = time.monotonic()
-                    window.append(now)
+                    for meta in image_records(sub.recv()):
+                        image_id = int(meta["id"])
+                        gap = image_id - stats.last_id - 1 if stats.counter else 0
+                        stats = replace(
+                            stats, connected=True, counter=stats.counter + 1,
+                            flagged=stats.flagged + (int(meta["status"]) != 0),
+                            lost=stats.lost + (gap if 0 < gap < 1_000_000 else 0),
+                            last_id=image_id, height=int(meta["height"]),
+                            width=int(meta["width"]),
+                            data_type=code_dtype(int(meta["dtype"])).name)
+                        now = last_seen = time.monotonic()
+                        window.append(now)
                 window = [t for t in window if now - t <= 1.0]
                 stats = replace(stats, rate=float(len(window)),
                                 acquiring=now - last_seen < _ACQUIRING_WITHIN_S)

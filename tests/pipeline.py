@@ -14,7 +14,7 @@ import zmq
 
 from fastcore.conversion import convert_reference
 from fastcore.detectors import module_format
-from fastcore.formats import IMAGE_METADATA
+from fastcore.formats import image_records
 from fastcore.process import ipc_address
 from fastcore.simulator import module_pixels
 from tests.conftest import Proc, module_cmd
@@ -62,7 +62,7 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         while len(records) < n and time.monotonic() < deadline:
             if sub.poll(100):
-                records.append(np.frombuffer(sub.recv(), IMAGE_METADATA)[0].copy())
+                records += list(image_records(sub.recv()).copy())
         sub.close(0)
         return records
 

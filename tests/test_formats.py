@@ -17,6 +17,7 @@ from fastcore.formats import (
     SHM_HEADER_BYTES,
     code_dtype,
     dtype_code,
+    image_records,
     pack,
     unpack,
 )
@@ -225,3 +226,14 @@ def test_pack_image_metadata_dtype_field():
     record = unpack(IMAGE_METADATA, raw)
     assert code_dtype(int(record["dtype"])) == np.dtype("uint16")
     assert (int(record["id"]), int(record["height"]), int(record["width"])) == (3, 4, 5)
+
+
+def test_image_stream_messages_hold_one_or_more_records():
+    records = np.zeros(3, IMAGE_METADATA)
+    records["id"] = [7, 8, 9]
+    assert list(image_records(records[:1].tobytes())["id"]) == [7]
+    assert list(image_records(records.tobytes())["id"]) == [7, 8, 9]
+    for bad in (b"", records.tobytes()[:100]):
+        with pytest.raises(ValueError, match=f"whole 72-byte ImageMetadata records, got "
+                           f"{len(bad)} bytes"):
+            image_records(bad)

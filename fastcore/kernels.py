@@ -17,7 +17,14 @@ negative-index checks and lets the loops compile to vector code.
 
 from __future__ import annotations
 
-import numba
+import os
+
+# numba's OpenMP workers otherwise spin between parallel regions: measured with
+# bench_end_to_end, the assembler's CPU per image at 250 Hz fell from 3.7 to 0.8 ms
+# (docs/benchmarks.md). Set before OpenMP loads; an operator's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # after the OpenMP setting
 import numpy as np
 
 

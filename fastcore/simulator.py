@@ -169,6 +169,7 @@ class DetectorSimulator:
         self.stop_event = threading.Event()
         self.frames_sent = 0
         self.packets_sent = 0
+        self.packets_refused = 0  # sent while no receiver listened (ICMP port unreachable)
 
     def module_frame(self, frame: int, module: int) -> tuple[np.ndarray, np.ndarray]:
         """(headers, frame bytes) of one module frame."""
@@ -204,7 +205,10 @@ class DetectorSimulator:
                     vector.headers[:k] = headers.view(np.uint8).reshape(fmt.n_packets, -1)[order]
                     offsets = order.astype(np.uint64) * np.uint64(fmt.payload_bytes)
                     vector.set_payloads(np.uint64(data.ctypes.data) + offsets, sizes[order])
-                    self.packets_sent += vector.send(sockets[m].fileno(), k)
+                    try:
+                        self.packets_sent += vector.send(sockets[m].fileno(), k)
+                    except ConnectionRefusedError:  # nobody listens (yet): a detector
+                        self.packets_refused += k   # sends on, its packets are lost
                 self.frames_sent += 1
                 frame += 1
                 if rate_hz > 0:
@@ -287,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - began
     log.info("sent %d frames (%d packets) of %s in %.2f s (%.1f Hz)", sent,
              simulator.packets_sent, config.detector_name, elapsed, sent / max(elapsed, 1e-9))
+    if simulator.packets_refused:
+        log.warning("%d packets were refused: no receiver listened on their port then",
+                    simulator.packets_refused)
     return 0
 
 

@@ -6,9 +6,14 @@ packets. End to end: stddaq-udp-recv, stddaq-sync, stddaq-assembler and stddaq-h
 as processes; this process plays the writer agent (one start command per step; the writer
 follows the image stream itself) and counts an image lost when it is not in the file as a
 good image (the writer's summary). Each step also reports every process's CPU time per
-image (user + system, all its threads, from /proc). Both series are fed by bench_receive's
-pre-built-packet sender (sendmmsg, GSO) on 127.0.0.1, at the same stepped rates, for
-``--seconds`` per step. The last line of the output is one JSON object.
+image (user + system, all its threads, from /proc), next to the costs no implementation
+can avoid, measured in the same run on the same images: a plain socket drain's CPU per
+frame (bench_receive's drain process, fed at the same rates), a memcpy of the image and a
+plain ``os.write`` of it into the same directory as the file. ``cpu_per_image_ratio`` is
+the whole pipeline's CPU per image over the sum of those three, at 1 kHz. Every series is
+fed by bench_receive's pre-built-packet sender (sendmmsg, GSO) on 127.0.0.1, at the same
+stepped rates, for ``--seconds`` per step. The last line of the output is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ import bench_receive as br
 from fastcore.formats import MODULE_FRAME
 from fastcore.launch import ChildProcess
 from fastcore.process import ipc_address
+from fastcore.udp import DEFAULT_RCVBUF
 from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, StopCommand
 from services.writer_agent import WriterLink
 
-RATES = [250, 500, 1000, 1500, 2000, 2500]
+RATES = [100, 250, 500, 1000, 1500, 2000, 2500]
+COST_RATE = 1000  # the rate of cpu_per_image_ratio
 
 
 def write_config(work: Path, port: int) -> tuple[Path, str]:
@@ -112,6 +119,7 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
     stages = {m.split(".")[-1]: start(m, config, work) for m in (
         "fastcore.udp_recv", "fastcore.sync", "fastcore.assembler", "fastcore.h5_writer")}
     link = WriterLink(str(work), name)
+    source = source_ring()
     results, frame = {}, 1
     try:
         send(sender, port, 500, 500, frame)  # warm-up
@@ -120,6 +128,7 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
         for run_id, rate in enumerate(rates, start=1):
             n = int(rate * seconds)
             out = work / f"run{run_id}.h5"
+            prefault(work, n)
             link.drain()
             link.send(StartCommand(run_id, RunInfo(str(out), n), 30.0).to_json())
             _await(link, run_id, "start")
@@ -134,10 +143,12 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
             cpu_ms = {stage: round((cpu_seconds(child) - cpu[stage]) * 1e3 / sent, 3)
                       for stage, child in stages.items()}
             out.unlink()
+            floor = copy_costs(work, summary.n_rows, source)  # into the pages it freed
             lost = sent - summary.n_good
             results[rate] = {"sent": sent, "written": summary.n_rows, "good": summary.n_good,
                              "flags": summary.n_flagged, "absent": summary.n_absent,
-                             "lost_images": lost, "cpu_ms_per_image": cpu_ms}
+                             "lost_images": lost, "cpu_ms_per_image": cpu_ms,
+                             "copy_ms_per_image": floor}
             print(f"  end-to-end   {rate:5d} Hz: {sent} frames sent, {summary.describe()} "
                   f"-> {lost} images lost; CPU ms/image {cpu_ms}", flush=True)
     finally:
@@ -161,6 +172,80 @@ def _await(link: WriterLink, run_id: int, kind: str, timeout: float = 60.0) -> d
     raise RuntimeError(f"no {kind} from the writer for run {run_id} in {timeout:g} s")
 
 
+def drain_costs(ctx, sender, port: int, rates, seconds: float) -> dict[int, float]:
+    """CPU ms per frame of a plain socket drain (recv_into, counting) at each rate."""
+    parent, child = ctx.Pipe()
+    drain = ctx.Process(target=br.drain_main, args=(child, port, DEFAULT_RCVBUF, None),
+                        daemon=True)
+    drain.start()
+    costs = {}
+    try:
+        parent.recv()  # ready
+        frame = 1
+        for rate in rates:
+            parent.send(("arm",))
+            _, cpu_start = parent.recv()
+            sent = send(sender, port, rate, int(rate * seconds), frame)
+            frame += sent
+            time.sleep(0.5)  # the drain has caught up and published at a quiet moment
+            parent.send(("snapshot",))
+            *_, cpu_end = parent.recv()
+            costs[rate] = round((cpu_end - cpu_start) * 1e3 / sent, 3)
+            print(f"  plain drain  {rate:5d} Hz: {sent} frames, {costs[rate]} CPU ms/frame",
+                  flush=True)
+    finally:
+        parent.send(("stop",))
+        drain.join(10)
+    return costs
+
+
+def prefault(work: Path, n: int) -> None:
+    """Write and delete ``n`` MiB in ``work`` (untimed), so that the next ``n`` MiB written
+    land in page-cache pages the machine has just used: on a VM a page the guest touches
+    for the first time (or after it went back to the host) costs several times more
+    kernel time than a recycled one, which would otherwise decide who pays what."""
+    path = work / "prefault.bin"
+    block = np.zeros(2**20, np.uint8)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(n):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+SOURCE_IMAGES = 256  # distinct 1 MiB images the baselines copy from: far more than a cache
+
+
+def source_ring() -> np.ndarray:
+    """Distinct images for the memcpy and write baselines: like the ImageBuffer the writer
+    copies from, they come from memory, not from a cache-hot single image."""
+    return np.random.default_rng(0).integers(0, 2**16, (SOURCE_IMAGES, 512, 1024), np.uint16)
+
+
+def copy_costs(work: Path, n: int, source: np.ndarray) -> dict[str, float]:
+    """CPU ms per image of a memcpy and of a plain os.write of ``n`` images (taken in turn
+    from ``source``) into a new file in ``work``, right after the run's file was deleted
+    (the same recycled pages as the writer had, see :func:`prefault`)."""
+    out = np.empty_like(source[0])
+    start = time.process_time()
+    for i in range(n):
+        np.copyto(out, source[i % len(source)])
+    memcpy = time.process_time() - start
+    path = work / "plain.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    start = time.process_time()
+    try:
+        for i in range(n):
+            os.write(fd, source[i % len(source)])
+        written = time.process_time() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"memcpy": round(memcpy * 1e3 / n, 3), "write": round(written * 1e3 / n, 3)}
+
+
 def best(results: dict, key: str) -> float:
     ok = [rate for rate, r in results.items() if r[key] == 0]
     return max(ok) if ok else 0.0
@@ -182,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Both series of rate steps (buffers in ``shm_dir()``)."""
-    rates = RATES[:4] if args.quick else RATES
+    rates = RATES[:5] if args.quick else RATES
     seconds = 1.0 if args.quick else args.seconds
     work = Path(tempfile.mkdtemp(prefix="stddaq-e2e-"))
     ctx = multiprocessing.get_context("spawn")
@@ -195,12 +280,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"1 Jungfrau module, {seconds:g} s per step, rates {rates} Hz; buffers in "
               f"{br.shm_pages()}")
         recv = receive_only(parent, config, name, port, work, rates, seconds)
+        drain = drain_costs(ctx, parent, br.free_udp_port(), rates, seconds)
         e2e = end_to_end(parent, config, name, port, work, rates, seconds)
     finally:
         parent.send(None)
         sender.join(10)
         shutil.rmtree(work, ignore_errors=True)
     receive_best, e2e_best = best(recv, "lost_packets"), best(e2e, "lost_images")
+    costs = {}
+    for rate, step in e2e.items():
+        pipeline = sum(step["cpu_ms_per_image"].values())
+        floor = drain[rate] + sum(step["copy_ms_per_image"].values())
+        costs[rate] = {"pipeline_ms": round(pipeline, 3), "floor_ms": round(floor, 3),
+                       "ratio": round(pipeline / floor, 2)}
+        print(f"  cost at {rate:5d} Hz: pipeline {pipeline:.2f} CPU ms/image, floor (drain "
+              f"{drain[rate]:.2f} + memcpy + write {step['copy_ms_per_image']}) "
+              f"{floor:.2f} -> ratio {costs[rate]['ratio']}")
     figures = {
         "benchmark": "bench_end_to_end", "seconds_per_step": seconds, "rates_hz": rates,
         "huge_pages": args.huge_pages, "shm": br.shm_pages(),
@@ -209,7 +304,10 @@ def run(args: argparse.Namespace) -> int:
         "end_to_end_best_zero_loss_gbps": round(e2e_best * 2**20 / 1e9, 3),
         "ratio_end_to_end_to_receive_only": round(e2e_best / receive_best, 3)
         if receive_best else None,
-        "steps": {"receive_only": recv, "end_to_end": e2e},
+        "cpu_per_image_ratio": costs.get(COST_RATE, {}).get("ratio"),
+        "cost_per_rate": costs,
+        "steps": {"receive_only": recv, "plain_drain_ms_per_frame": drain,
+                  "end_to_end": e2e},
     }
     print(f"highest zero-loss rate: receive-only {receive_best:g} Hz, simulator -> file "
           f"{e2e_best:g} Hz (ratio {figures['ratio_end_to_end_to_receive_only']})")

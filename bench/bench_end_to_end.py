@@ -44,6 +44,7 @@ from services.writer_agent import WriterLink
 
 RATES = [100, 250, 500, 1000, 1500, 2000, 2500]
 COST_RATE = 1000  # the rate of cpu_per_image_ratio
+IDLE_S = 5.0  # the pipeline waiting, measured before the steps
 
 
 def write_config(work: Path, port: int) -> tuple[Path, str]:
@@ -122,6 +123,13 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
     source = source_ring()
     results, frame = {}, 1
     try:
+        cpu = {stage: cpu_seconds(child) for stage, child in stages.items()}
+        time.sleep(IDLE_S)  # no detector, no run: what waiting costs
+        results["idle_percent_of_a_core"] = {
+            stage: round((cpu_seconds(child) - cpu[stage]) * 100 / IDLE_S, 2)
+            for stage, child in stages.items()}
+        print(f"  idle {IDLE_S:g} s: % of a core {results['idle_percent_of_a_core']}",
+              flush=True)
         send(sender, port, 500, 500, frame)  # warm-up
         frame += 500
         time.sleep(1.0)
@@ -286,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
         parent.send(None)
         sender.join(10)
         shutil.rmtree(work, ignore_errors=True)
+    idle = e2e.pop("idle_percent_of_a_core")
     receive_best, e2e_best = best(recv, "lost_packets"), best(e2e, "lost_images")
     costs = {}
     for rate, step in e2e.items():
@@ -305,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         "ratio_end_to_end_to_receive_only": round(e2e_best / receive_best, 3)
         if receive_best else None,
         "cpu_per_image_ratio": costs.get(COST_RATE, {}).get("ratio"),
+        "idle_percent_of_a_core": idle,
         "cost_per_rate": costs,
         "steps": {"receive_only": recv, "plain_drain_ms_per_frame": drain,
                   "end_to_end": e2e},

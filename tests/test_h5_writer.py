@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -24,6 +25,7 @@ from fastcore.formats import IMAGE_METADATA, ImageStatus, dtype_code
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, daq_rec_of, pulse_id_of
 from fastcore.writer_protocol import RunInfo, StartCommand, StopCommand
+from services.writer_agent import WriterAgent
 from tests.conftest import REPO, Proc, module_cmd
 from tests.pipeline import Pipeline
 
@@ -462,40 +464,27 @@ def test_missing_image_buffer_is_reported(harness, tmp_path):
 
 
 def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
-    """simulator -> udp_recv -> sync -> assembler -> writer; the file equals the images."""
+    """simulator -> udp_recv -> sync -> assembler -> writer (run by the writer agent); the
+    file equals the images."""
     path, raw = make_config("jungfrau_1m.json")
     config = load_config(path)
     n = 8
+    out = str(tmp_path / f"e2e_{uuid.uuid4().hex[:6]}.h5")
     with Pipeline(path, raw, ipc_dir, tmp_path):
         writer = Proc(module_cmd("fastcore.h5_writer", str(path), "--ipc-dir", ipc_dir,
                                  "--compression", "bitshuffle-lz4"), tmp_path / "writer.log")
+        agent = WriterAgent(config, ipc_dir, image_timeout_s=30)
         try:
             writer.wait_for("ready")
-            ctx = zmq.Context.instance()
-            push = ctx.socket(zmq.PUSH)
-            push.connect(ipc_address(ipc_dir, config.detector_name, "writer"))
-            status = ctx.socket(zmq.SUB)
-            status.setsockopt(zmq.SUBSCRIBE, b"")
-            status.connect(ipc_address(ipc_dir, config.detector_name, "writer-status"))
-            time.sleep(0.3)
-            out = str(tmp_path / f"e2e_{uuid.uuid4().hex[:6]}.h5")
-            push.send(StartCommand(9, RunInfo(out, n), 30.0).to_json())
-            def next_event(kind: str) -> dict:
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    if status.poll(100) and (event := json.loads(status.recv()))["event"] == kind:
-                        return event
-                raise AssertionError(f"no {kind} event: {writer.output}")
-
-            next_event("start")
-            DetectorSimulator(config).run(n, 30)
-            events = [next_event("stop")]
-            stop = events[-1]
-            assert stop["event"] == "stop" and stop["n_written"] == n, writer.output
-            assert stop["outcome"] == "success", stop
-            push.close(0)
-            status.close(0)
+            request = {"output_file": out, "n_images": n}
+            agent.prepare("e2e", request)  # the file is open: the next n images are its
+            sending = threading.Thread(target=DetectorSimulator(config).run, args=(n, 30))
+            sending.start()
+            result = agent.on_request("e2e", request)
+            sending.join(30)
+            assert result["outcome"] == "success" and result["n_images"] == n, result
         finally:
+            agent.close()
             assert writer.stop() == 0
     from tests.pipeline import expected_image
 

@@ -56,9 +56,10 @@ class RunInfo:
 
     def validate(self) -> None:
         """Raise ProtocolError naming the bad field."""
-        if not isinstance(self.output_file, str) or not os.path.isabs(self.output_file):
-            raise ProtocolError(f"output_file: expected an absolute path, got "
-                                f"{self.output_file!r}")
+        if not isinstance(self.output_file, str) or not os.path.isabs(self.output_file) \
+                or "\0" in self.output_file or self.output_file.endswith("/"):
+            raise ProtocolError(f"output_file: expected an absolute file path, got "
+                                f"{self.output_file!r:.200}")
         if ".." in self.output_file.split(os.sep):
             raise ProtocolError(f"output_file: '..' is not allowed, got {self.output_file!r}")
         _check_int("n_images", self.n_images, 1, MAX_IMAGES)

@@ -14,7 +14,11 @@ def output_path(request: dict[str, Any], name: str, output_root: str | None) -> 
     """The absolute path in ``request[name]``: no '..', inside ``output_root`` if set."""
     path = request.get(name)
     if not isinstance(path, str) or not path or not os.path.isabs(path):
-        raise RequestError(f"{name}: expected an absolute file path, got {path!r}")
+        raise RequestError(f"{name}: expected an absolute file path, got {path!r:.200}")
+    if "\0" in path:
+        raise RequestError(f"{name}: a path cannot hold a NUL character, got {path!r:.200}")
+    if path.endswith("/"):
+        raise RequestError(f"{name}: {path!r:.200} ends with '/': expected a file path")
     if ".." in path.split("/"):
         raise RequestError(f"{name}: '..' is not allowed in {path!r}")
     if output_root:

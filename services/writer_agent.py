@@ -358,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = ProgressPublisher(client, name)
     agent = WriterAgent(config, args.ipc_dir, image_timeout_s=args.image_timeout,
                         writer_timeout_s=args.writer_timeout, progress=progress.publish)
-    return serve_primary(name, agent, args, raw_config, client, lambda: agent.counters,
-                         lambda: agent.busy, f"write requests for {config.detector_name}",
-                         refuse_when_busy=True)
+    try:
+        return serve_primary(name, agent, args, raw_config, client, lambda: agent.counters,
+                             lambda: agent.busy, f"write requests for {config.detector_name}",
+                             refuse_when_busy=True)
+    finally:
+        agent.close()
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -445,7 +445,11 @@ def test_malformed_and_stale_commands_are_reported(harness, tmp_path):
     assert "a writer command must be a JSON object" in h.events(until="error")[-1]["message"]
     h.push.send(b'{"command": "start", "run_id": 1, "image_timeout_s": 1, '
                 b'"run_info": {"output_file": "rel.h5", "n_images": 1}}')
-    assert "output_file: expected an absolute path" in h.events(until="error")[-1]["message"]
+    assert "output_file: expected an absolute file path" in h.events(until="error")[-1][
+        "message"]
+    h.push.send(StartCommand(1, RunInfo(str(tmp_path / "nul\0.h5"), 1), 1.0).to_json())
+    assert "output_file: expected an absolute file path" in h.events(until="error")[-1][
+        "message"]
     h.push.send(b'{"command": "start", "run_id": 1, "image_timeout_s": 1, '
                 b'"run_info": {"output_file": "/x.h5", "n_images": 4000000000000}}')
     assert "n_images: expected an integer from 1 to" in h.events(until="error")[-1]["message"]

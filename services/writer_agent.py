@@ -43,6 +43,7 @@ from fastcore.writer_protocol import (
     StartCommand,
     StopCommand,
 )
+from services.cli import seconds
 from services.progress import ProgressPublisher
 from services.requests import RequestError, output_path
 from services.startup import SetupError, redis_client, serve_primary, service_setup
@@ -342,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None,
                         help="routing key of the requests to serve (default: the service name)")
     parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
-    parser.add_argument("--image-timeout", type=float, default=60.0,
+    parser.add_argument("--image-timeout", type=seconds, default=60.0,
                         help="end a run as failed when no image arrives for this long (s); "
                         "a request's image_timeout field overrides it (default 60)")
-    parser.add_argument("--writer-timeout", type=float, default=2.0,
+    parser.add_argument("--writer-timeout", type=seconds, default=2.0,
                         help="fail a request when stddaq-h5-writer sends no heartbeat for "
                         "this long (s; it sends one every 0.5 s; default 2)")
     try:

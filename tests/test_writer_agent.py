@@ -7,6 +7,8 @@ broker side is tested in test_writer_agent_service.py.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -26,7 +28,7 @@ from services.writer_agent import (
     WriterError,
     validate_write_request,
 )
-from tests.conftest import Proc, module_cmd
+from tests.conftest import REPO, Proc, module_cmd
 
 
 class FakeAssembler:
@@ -324,3 +326,13 @@ def test_no_writer_running_fails_at_once(make_config, ipc_dir, tmp_path):
         agent.close()
     assert time.monotonic() - started < 2.0
     assert not agent.busy and not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("flag", ["--image-timeout", "--writer-timeout"])
+def test_timeouts_must_be_positive_seconds(flag):
+    done = subprocess.run([sys.executable, "-m", "services.writer_agent", flag, "-3",
+                           "--json_config_file", str(REPO / "configs" / "jungfrau_1m.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().endswith(
+        f"error: argument {flag}: expected a positive number of seconds, got '-3'")

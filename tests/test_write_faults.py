@@ -4,6 +4,7 @@ a message that names the cause, and the file holds what was reported."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -72,4 +73,5 @@ def test_receiver_killed_mid_write_ends_the_request_after_the_image_timeout(
     with h5py.File(out, "r") as f:  # plain open: closed valid, with what was reported
         rows = f[config.detector_name]["data"].shape[0]
     assert rows == progress[-1]["n_rows"] >= 20 and progress[-1]["done"]
-    assert f"; {rows} of 1000 images in {out} ({rows} good)" in error
+    found = re.search(rf"; {rows} of 1000 images in {re.escape(str(out))} \((\d+) good", error)
+    assert found and int(found[1]) >= rows - 2, error  # frames cut by the kill may be flagged

@@ -72,6 +72,13 @@ class RunInfo:
                                 f"{self.compression!r}")
 
 
+def valid_image_timeout(value: Any) -> bool:
+    """A number of seconds > 0 and <= MAX_IMAGE_TIMEOUT_S (the request's and the
+    command's image timeout)."""
+    return (not isinstance(value, bool) and isinstance(value, int | float)
+            and math.isfinite(value) and 0 < value <= MAX_IMAGE_TIMEOUT_S)
+
+
 @dataclass(frozen=True)
 class StartCommand:
     """Open a run and write its images (see the module docstring)."""
@@ -85,11 +92,9 @@ class StartCommand:
     def validate(self) -> None:
         _check_int("run_id", self.run_id, 0, 2**64 - 1)
         self.run_info.validate()
-        timeout = self.image_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
-                not math.isfinite(timeout) or not 0 < timeout <= MAX_IMAGE_TIMEOUT_S:
+        if not valid_image_timeout(self.image_timeout_s):
             raise ProtocolError(f"image_timeout_s: expected seconds > 0 and <= "
-                                f"{MAX_IMAGE_TIMEOUT_S:g}, got {timeout!r}")
+                                f"{MAX_IMAGE_TIMEOUT_S:g}, got {self.image_timeout_s!r}")
         if self.start_image_id is not None:
             _check_int("start_image_id", self.start_image_id, 0, MAX_ID)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -42,6 +41,7 @@ from fastcore.writer_protocol import (
     RunSummary,
     StartCommand,
     StopCommand,
+    valid_image_timeout,
 )
 from services.cli import seconds
 from services.progress import ProgressPublisher
@@ -84,17 +84,6 @@ def _int(request: dict, name: str, minimum: int, maximum: int) -> int | None:
     return value
 
 
-def _seconds(request: dict, name: str, maximum: float) -> float | None:
-    value = request.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or \
-            not math.isfinite(value) or not 0 < value <= maximum:
-        raise RequestError(f"{name}: expected seconds > 0 and <= {maximum:g}, got "
-                           f"{value!r:.40}")
-    return float(value)
-
-
 def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest:
     """Check a write request; raises RequestError naming the first bad field."""
     if not isinstance(request, dict):
@@ -119,10 +108,14 @@ def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest
     if compression is not None and compression not in COMPRESSIONS:
         raise RequestError(f"compression: expected one of {COMPRESSIONS}, got "
                            f"{compression!r:.40}")
+    image_timeout = request.get("image_timeout")
+    if image_timeout is not None and not valid_image_timeout(image_timeout):
+        raise RequestError(f"image_timeout: expected seconds > 0 and <= "
+                           f"{MAX_IMAGE_TIMEOUT_S:g}, got {image_timeout!r:.40}")
     return WriteRequest(path, n_images, _int(request, "user_id", 0, 2**31 - 1),
                         _int(request, "run_id", 0, 2**64 - 1),
                         _int(request, "start_image_id", 0, MAX_ID), metadata, compression,
-                        _seconds(request, "image_timeout", MAX_IMAGE_TIMEOUT_S))
+                        None if image_timeout is None else float(image_timeout))
 
 
 class WriterLink:
@@ -286,11 +279,10 @@ class _Run:
                 heard = now
                 self._on_event(event)
             elif now - heard > timeout:
-                raise WriterError(
-                    f"h5 writer for {agent.config.detector_name} stopped answering (no "
-                    f"heartbeat for {timeout:g} s) after {self.progress['n_rows']} of "
-                    f"{self.write.n_images} images: {self.write.output_file} holds the "
-                    "images written; a restarted stddaq-h5-writer repairs it")
+                raise WriterError(f"h5 writer for {agent.config.detector_name} stopped "
+                                  f"answering (no heartbeat for {timeout:g} s) "
+                                  f"{self._written()}; a restarted stddaq-h5-writer "
+                                  "repairs it")
         summary = self.summary
         self._report(done=True)
         if summary.outcome == "fail":
@@ -308,11 +300,9 @@ class _Run:
         if kind == "heartbeat":
             pid = event.get("pid")
             if self.writer_pid is not None and pid != self.writer_pid:
-                raise WriterError(
-                    f"h5 writer for {self.agent.config.detector_name} restarted during the "
-                    f"run (pid {self.writer_pid} -> {pid}) after {self.progress['n_rows']} of "
-                    f"{self.write.n_images} images: {self.write.output_file} holds the "
-                    "images written")
+                raise WriterError(f"h5 writer for {self.agent.config.detector_name} "
+                                  f"restarted during the run (pid {self.writer_pid} -> {pid}) "
+                                  f"{self._written()}")
             self.writer_pid = pid
             return
         if run_id != self.run_id:
@@ -326,6 +316,11 @@ class _Run:
                                  n_missing=self.summary.n_missing)
         elif kind == "error":
             raise WriterError(f"h5 writer: {event['message']}")
+
+    def _written(self) -> str:
+        """What the file holds when the writer went away mid-run."""
+        return (f"after {self.progress['n_rows']} of {self.write.n_images} images: "
+                f"{self.write.output_file} holds the images written")
 
     def _report(self, done: bool = False) -> None:
         self.agent.progress({"request_id": self.request_id, "run_id": self.run_id,

@@ -49,6 +49,7 @@ BATCH_SIZE = 500
 RETRY_S = 0.5
 STATS_PERIOD_S = 10.0
 SHUTDOWN_FLUSH_S = 3.0
+PULSE_ID_CONNECT_WARN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,7 @@ class EpicsBuffer:
         self.events = 0
         self.value_bytes = 0
         self.pulse_ids = 0
+        self.pulse_id_connected = False
         self._changed: set[str] = set()
         self._changed_last = 0
         self._changed_since = time.monotonic()
@@ -337,8 +339,9 @@ class EpicsBuffer:
             if pvname in self._connected:
                 self.on_connection(pvname, bool(conn))
             elif pvname == self.config.pulse_id_pv:
-                log.info("pulse id PV %s %s", pvname,
-                         "connected" if conn else "disconnected")
+                self.pulse_id_connected = bool(conn)
+                log.log(logging.INFO if conn else logging.WARNING, "pulse id PV %s %s",
+                        pvname, "connected" if conn else "disconnected")
         except Exception:
             log.exception("connection event of %s", pvname)
 
@@ -424,6 +427,7 @@ class EpicsBuffer:
                 "bytes": self.value_bytes,
                 "channels_changed": self._changed_last,
                 "pulse_ids": self.pulse_ids,
+                "pulse_id_pv_connected": self.pulse_id_connected,
                 "written": self.sink.written,
                 "dropped": self.sink.dropped,
                 "backlog": self.sink.backlog,
@@ -491,8 +495,15 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat.set_state("running")
     log.info("ready: %s buffering %d PVs into Redis %s:%d", service_name,
              len(settings.pv_list), args.redis_host, args.redis_port)
+    started = time.monotonic()
+    warned = False
     while not stop.wait(1.0):
-        pass
+        if (settings.pulse_id_pv and not warned and not buffer.pulse_id_connected
+                and time.monotonic() - started >= PULSE_ID_CONNECT_WARN_S):
+            log.warning("pulse id PV %s not connected after %.0f s: no pulse_id stream "
+                        "until it connects (is its IOC running and in EPICS_CA_ADDR_LIST?)",
+                        settings.pulse_id_pv, PULSE_ID_CONNECT_WARN_S)
+            warned = True
     if heartbeat is not None:
         heartbeat.set_state("stopping")
     buffer.stop()

@@ -592,9 +592,22 @@ def test_puts_are_recorded_in_order(epics):
     assert [p.value().tolist() for p in points(client, epics.key("array"))[-2:]] == arrays
 
 
+def wait_for_pulse_ids(epics: Epics, client: redis.Redis, n: int) -> None:
+    """Wait for ``n`` pulse ids (10 Hz); on a timeout, say what the buffer saw."""
+    try:
+        wait_until(lambda: client.xlen(epics.streams + "pulse_id") >= n, n / 10 + 10,
+                   f"{n} pulse ids")
+    except AssertionError as exc:
+        counters = client.hget(f"status.{epics.service}", "counters")
+        raise AssertionError(f"{exc}; buffer counters {counters!r}; buffer log:\n"
+                             f"{epics.buffer.output[-3000:]}") from None
+
+
 def test_pulse_id_streams(epics):
     client = redis.Redis(*REDIS)
-    wait_until(lambda: client.xlen(epics.streams + "pulse_id") >= 10, 5, "pulse ids")
+    wait_for_pulse_ids(epics, client, 10)
+    wait_until(lambda: json.loads(client.hget(f"status.{epics.service}", "counters") or "{}")
+               .get("pulse_id_pv_connected"), 5, "the pulse id PV's connection in the status")
     entries = client.xrange(epics.streams + "pulse_id")
     ids = [int(i.split(b"-")[0]) for i, _ in entries]
     assert all(i.endswith(b"-0") for i, _ in entries)
@@ -639,7 +652,7 @@ def test_disconnect_and_reconnect(epics):
 
 def test_writer_pulse_id_range_from_the_buffer(epics, tmp_path):
     client = redis.Redis(*REDIS)
-    wait_until(lambda: client.xlen(epics.streams + "pulse_id") >= 40, 10, "40 pulse ids")
+    wait_for_pulse_ids(epics, client, 40)
     latest = int(client.xrevrange(epics.streams + "pulse_id", count=1)[0][0].split(b"-")[0])
     start, stop = latest - 30, latest - 10
     writer = EpicsWriter(client, "test.epics_writer", {"stream_prefix": epics.streams})
@@ -676,6 +689,7 @@ def test_writer_pulse_id_range_from_the_buffer(epics, tmp_path):
 
 def test_writer_time_range_from_the_buffer(epics, tmp_path):
     client = redis.Redis(*REDIS)
+    wait_for_pulse_ids(epics, client, 3)
     start = time.time()
     time.sleep(0.25)  # a few pulses before the first put: every put maps to a pulse id
     values = [1.25, 2.5, 3.75]

@@ -21,7 +21,8 @@ Measurements:
 2. backlog: the receiving process is stopped (SIGSTOP), the sender fills a large socket
    buffer, then the process is resumed and empties it: its capacity, free of the sender;
 3. sustained: a fresh receiver session, 60 s at 2 kHz (2.1 GB/s), lost packets (goal 0)
-   from its ReceiverStats, the ModuleFrames and the kernel's drop counter.
+   from its ReceiverStats, the ModuleFrames and the kernel's drop counter; then the plain
+   drain for the same time at the same rate: the receiver should lose no more than it.
 
 Loopback only; every step is bounded in time and frame count. The last line of the output
 is one JSON object holding every figure.
@@ -51,9 +52,10 @@ from multiprocessing.connection import Connection
 import numpy as np
 import zmq
 
+from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import SHM_DIR_ENV, FrameBuffer, shm_dir, shm_name
 from fastcore.config import DetectorConfig, parse_config
-from fastcore.detectors import module_format
+from fastcore.detectors import NOMINAL_RATE_HZ, module_format
 from fastcore.formats import JUNGFRAU_HEADER, MODULE_FRAME
 from fastcore.process import ipc_address
 from fastcore.udp import DEFAULT_RCVBUF, SO_RCVBUFFORCE, MessageVector, open_receive_socket
@@ -595,7 +597,7 @@ class Bench:
                     self.next_frame += step.frames_sent
                     if backlog:
                         os.kill(pid, signal.SIGCONT)
-                if progress and now - last_report >= 5:
+                if progress and kind == "receiver" and now - last_report >= 5:
                     last_report = now
                     print(f"    {now - started:5.1f} s: {records} frames received "
                           f"({len(messages)} messages)", flush=True)
@@ -680,8 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rcvbuf-mib", type=float, default=DEFAULT_RCVBUF / 2**20,
                         help="receive buffer of both sockets in the rate steps and the "
                         "sustained run (default: %(default)s MiB, the receiver's default)")
-    parser.add_argument("--frame-slots", type=int, default=100,
-                        help="FrameBuffer slots (default: %(default)s)")
+    parser.add_argument("--frame-slots", type=int,
+                        default=round(BUFFER_SECONDS * NOMINAL_RATE_HZ["jungfrau"]),
+                        help="FrameBuffer slots (default: %(default)s, what a config without "
+                        "n_frame_slots gets: 1 s at Jungfrau's nominal rate)")
     parser.add_argument("--gso", action=argparse.BooleanOptionalAction, default=True,
                         help="send with UDP GSO (default: on): the same datagrams reach the "
                         "receivers, the sender pays the IP path once per 7 packets")
@@ -729,6 +733,7 @@ def run(args: argparse.Namespace, rates: list[float], step_s: float, sustained_s
     steps: list[Step] = []
     backlog: list[Step] = []
     sustained: Step | None = None
+    sustained_drain: Step | None = None
     sessions: list[dict] = []
     interrupted = False
     try:
@@ -765,6 +770,11 @@ def run(args: argparse.Namespace, rates: list[float], step_s: float, sustained_s
                                        progress=True)
             _print_step(sustained)
             sessions.append(bench.end_session())
+            print(f"sustained, plain drain: the same {sustained_s:g} s at "
+                  f"{args.sustained_rate:g} Hz:", flush=True)
+            sustained_drain = bench.run_step("drain", args.sustained_rate, sustained_s,
+                                             progress=True)
+            _print_step(sustained_drain)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: partial results", flush=True)
@@ -772,7 +782,8 @@ def run(args: argparse.Namespace, rates: list[float], step_s: float, sustained_s
         bench.close()
 
     print("results:")
-    figures = summarize(args, bench, rates, steps, backlog, sustained, sessions)
+    figures = summarize(args, bench, rates, steps, backlog, sustained, sustained_drain,
+                        sessions)
     figures.update({"quick": args.quick, "interrupted": interrupted, "step_seconds": step_s,
                     "rmem_max_bytes": rmem_max, "rcvbuf_asked_bytes": bench.rcvbuf,
                     "pinned": args.pin, "gso_sender": args.gso,
@@ -784,10 +795,11 @@ def run(args: argparse.Namespace, rates: list[float], step_s: float, sustained_s
 
 
 def summarize(args: argparse.Namespace, bench: Bench, rates: list[float], steps: list[Step],
-              backlog: list[Step], sustained: Step | None, sessions: list[dict]) -> dict:
+              backlog: list[Step], sustained: Step | None, sustained_drain: Step | None,
+              sessions: list[dict]) -> dict:
     """Print the figures and ratios; return them as a dict."""
     figures: dict = {}
-    everything = steps + backlog + ([sustained] if sustained else [])
+    everything = steps + backlog + [s for s in (sustained, sustained_drain) if s]
     granted = bench.granted.get("receiver", 0)
     figures["rcvbuf_granted_bytes"] = granted
     figures["drain_rcvbuf_granted_bytes"] = bench.granted.get("drain", 0)
@@ -890,6 +902,17 @@ def summarize(args: argparse.Namespace, bench: Bench, rates: list[float], steps:
               f"{stats.get('lost_packets')} lost, {stats.get('frames')} frames incl. warm-up) at "
               f"{sustained.sent_hz:.1f} Hz ({gbps(sustained.sent_hz):.2f} GB/s): goal 0 lost "
               f"{'met' if figures['sustained_zero_loss'] else 'MISSED'}{short}")
+    if sustained is not None and sustained_drain is not None:
+        within = sustained.lost_packets <= sustained_drain.lost_packets
+        figures.update({
+            "sustained_drain_sent_hz": round(sustained_drain.sent_hz, 1),
+            "sustained_drain_lost_packets": sustained_drain.lost_packets,
+            "sustained_drain_cpu_us_per_frame": round(sustained_drain.cpu_us_per_frame, 1),
+            "sustained_receiver_within_drain": within,
+        })
+        print(f"  sustained, plain drain: {sustained_drain.lost_packets} packets lost at "
+              f"{sustained_drain.sent_hz:.1f} Hz; the receiver loses no more than the drain: "
+              f"{'met' if within else 'MISSED'}")
     return figures
 
 

@@ -14,6 +14,7 @@ import errno
 import logging
 import mmap
 import os
+import time
 
 import numpy as np
 
@@ -129,7 +130,12 @@ class SharedSegment:
             os.close(fd)
             os.unlink(path)
             raise
+        began = time.monotonic()
         segment = cls(name, fd, size, owner=True, writable=True)
+        took = time.monotonic() - began
+        if took >= 1.0:
+            log.info("shared memory %s: %.2f GB mapped and zeroed in %.1f s", path, size / 1e9,
+                     took)
         segment.header["magic"] = SHM_MAGIC
         segment.header["creator_pid"] = os.getpid()
         for key, value in header.items():
@@ -272,11 +278,17 @@ class ImageBuffer(_SlotRing):
         data = self._slots[:, self.meta_bytes : self.meta_bytes + self.data_bytes]
         self._images = data.view(self.dtype).reshape(self.n_slots, *self.shape)
 
+    @staticmethod
+    def slot_bytes_for(shape: tuple[int, int], dtype) -> int:
+        """Bytes of one slot (metadata and image, page-aligned)."""
+        return _round_up(_IMAGE_META_BYTES + shape[0] * shape[1] * np.dtype(dtype).itemsize,
+                         _PAGE)
+
     @classmethod
     def create(cls, name: str, n_slots: int, shape: tuple[int, int], dtype) -> ImageBuffer:
         dtype = np.dtype(dtype)
         data_bytes = shape[0] * shape[1] * dtype.itemsize
-        slot_bytes = _round_up(_IMAGE_META_BYTES + data_bytes, _PAGE)
+        slot_bytes = cls.slot_bytes_for(shape, dtype)
         segment = SharedSegment.create(
             name, SHM_HEADER_BYTES + n_slots * slot_bytes, kind=cls.kind, n_slots=n_slots,
             slot_bytes=slot_bytes, meta_bytes=_IMAGE_META_BYTES, data_bytes=data_bytes,
@@ -363,9 +375,14 @@ class FrameBuffer(_SlotRing):
         self._meta = per_module[:, :, : MODULE_FRAME.itemsize].view(MODULE_FRAME)[..., 0]
         self._frames = per_module[:, :, self.meta_bytes : self.meta_bytes + self.data_bytes]
 
+    @staticmethod
+    def slot_bytes_for(n_modules: int, frame_bytes: int) -> int:
+        """Bytes of one slot (every module's metadata and frame, each page-aligned)."""
+        return n_modules * _round_up(MODULE_FRAME.itemsize + frame_bytes, _PAGE)
+
     @classmethod
     def create(cls, name: str, n_slots: int, n_modules: int, frame_bytes: int) -> FrameBuffer:
-        module_bytes = _round_up(MODULE_FRAME.itemsize + frame_bytes, _PAGE)
+        module_bytes = cls.slot_bytes_for(1, frame_bytes)
         segment = SharedSegment.create(
             name, SHM_HEADER_BYTES + n_slots * n_modules * module_bytes, kind=cls.kind,
             n_slots=n_slots, slot_bytes=n_modules * module_bytes,

@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fastcore.detectors import GIGAFROST_N_MODULES, module_format
+from fastcore.buffer_sizing import BufferPlan, plan_buffers
+from fastcore.detectors import GIGAFROST_N_MODULES, NOMINAL_RATE_HZ, module_format
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class DetectorConfig:
     writer_user_id: int
     module_positions: dict[int, tuple[int, int, int, int]]
     udp_host: str = "0.0.0.0"
-    n_image_slots: int = 1000
+    n_image_slots: int = 1000  # parse_config: 1 s at nominal_rate_hz unless the file says
     n_frame_slots: int = 100
+    nominal_rate_hz: float | None = None  # None: the detector type's NOMINAL_RATE_HZ
     pedestal_file: str | None = None
     gain_file: str | None = None
     output_root: str | None = None
@@ -76,6 +78,18 @@ class DetectorConfig:
 
     def udp_port(self, module_id: int) -> int:
         return self.start_udp_port + module_id
+
+    @property
+    def rate_hz(self) -> float:
+        """The nominal frame rate the buffers are sized for."""
+        return self.nominal_rate_hz or NOMINAL_RATE_HZ[self.detector_type]
+
+    def buffer_plan(self) -> BufferPlan:
+        """This config's slots, their bytes and the seconds they hold at the nominal rate."""
+        return plan_buffers(
+            self.rate_hz, self.n_modules,
+            module_format(self.detector_type, self.bit_depth, self.image_shape).frame_bytes,
+            self.image_shape, self.image_dtype, self.n_frame_slots, self.n_image_slots)
 
 
 def _int_field(raw: dict, name: str, errors: list[str], minimum: int | None = None,
@@ -213,6 +227,14 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
             value = _int_field(raw, slots, errors, 2, 1_000_000)
             if value is not None:
                 optional[slots] = value
+    if raw.get("nominal_rate_hz") is not None:
+        rate = raw["nominal_rate_hz"]
+        if (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                or not 0 < rate <= 1_000_000):
+            errors.append(f"nominal_rate_hz: expected a frame rate in (0, 1000000] Hz, "
+                          f"got {rate!r}")
+        else:
+            optional["nominal_rate_hz"] = float(rate)
     for path_field in ("pedestal_file", "gain_file", "output_root"):
         value = raw.get(path_field)
         if value is None:
@@ -244,6 +266,14 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
             start_udp_port=port, writer_user_id=user, module_positions=positions,  # type: ignore[arg-type]
             extra=extra, **optional,
         )
+        if "n_image_slots" not in optional or "n_frame_slots" not in optional:
+            plan = plan_buffers(
+                config.rate_hz, config.n_modules,
+                module_format(det_type, bit_depth, config.image_shape).frame_bytes,
+                config.image_shape, config.image_dtype,
+                optional.get("n_frame_slots"), optional.get("n_image_slots"))
+            config = replace(config, n_frame_slots=plan.n_frame_slots,
+                             n_image_slots=plan.n_image_slots)
     if errors:
         raise ConfigError(f"{source}: invalid detector config:\n  - " + "\n  - ".join(errors))
     return config

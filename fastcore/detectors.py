@@ -19,6 +19,10 @@ CHIP_SIZE = 256
 CHIP_GAP = 2
 GIGAFROST_MAX_PAYLOAD = 7400
 GIGAFROST_N_MODULES = 8
+# Frame rate the buffers are sized for unless a config sets nominal_rate_hz: Jungfrau's
+# 2 kHz is its top rate; for Eiger (rate depends on bit depth) and Gigafrost (on the image
+# size) these are working defaults, to be set per beamline.
+NOMINAL_RATE_HZ = {"jungfrau": 2000.0, "eiger": 2000.0, "gigafrost": 1000.0}
 
 
 @dataclass(frozen=True)

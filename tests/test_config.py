@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastcore.buffer_sizing import MIN_SLOTS, plan_buffers
 from fastcore.config import ConfigError, DetectorConfig, load_config, parse_config
+from fastcore.detectors import module_format
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -91,7 +93,11 @@ def test_example_configs_load(file, name, det_type, n_modules, shape, dtype):
     assert config.image_shape == shape
     assert config.image_dtype == np.dtype(dtype)
     assert config.udp_host == raw["udp_host"]
-    assert config.n_image_slots == raw["n_image_slots"]
+    plan = config.buffer_plan()  # 1 s of the nominal rate in both buffers where memory allows
+    assert (config.n_frame_slots, config.n_image_slots) == (plan.n_frame_slots,
+                                                             plan.n_image_slots)
+    assert not plan.short or plan.total_bytes > 0.95 * plan.budget_bytes
+    assert plan.total_bytes <= plan.budget_bytes
     assert config.udp_port(1) == raw["start_udp_port"] + 1
     assert not config.converts
     if det_type != "gigafrost":
@@ -110,7 +116,10 @@ def test_original_std_daq_gigafrost_config_loads_unchanged(tmp_path):
     assert config.module_positions == {}
     # stddaq defaults for what the original does not have
     assert config.udp_host == "0.0.0.0"
-    assert (config.n_image_slots, config.n_frame_slots) == (1000, 100)
+    plan = plan_buffers(1000.0, 8, module_format("gigafrost", 16, (2016, 2016)).frame_bytes,
+                        (2016, 2016), "uint16")
+    assert (config.n_image_slots, config.n_frame_slots) == (plan.n_image_slots,
+                                                             plan.n_frame_slots)
     assert config.pedestal_file is None and config.gain_file is None
     assert config.extra == {}
 
@@ -343,3 +352,41 @@ def test_invalid_file_error_names_the_path(tmp_path):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+JF1M_FRAME = module_format("jungfrau", 16, (1030, 1030)).frame_bytes
+
+
+def test_buffers_hold_one_second_of_the_nominal_rate_by_default():
+    plan = plan_buffers(2000.0, 2, JF1M_FRAME, (1030, 1030), "uint16", budget_bytes=2**40)
+    assert (plan.n_frame_slots, plan.n_image_slots, plan.clamped) == (2000, 2000, False)
+    assert plan.seconds(plan.n_frame_slots) == 1.0 and not plan.short
+    assert plan.frame_buffer_bytes == 2000 * 2 * (2**20 + 4096)  # metadata page + 1 MiB frame
+    assert plan.image_buffer_bytes == 2000 * (1030 * 1030 * 2 + 4096 - 1030 * 1030 * 2 % 4096)
+
+
+def test_buffers_are_cut_to_the_memory_budget_in_proportion():
+    budget = 3 * 10**9
+    plan = plan_buffers(2000.0, 2, JF1M_FRAME, (1030, 1030), "uint16", budget_bytes=budget)
+    assert plan.clamped and plan.short
+    assert plan.n_frame_slots == plan.n_image_slots < 2000
+    assert 0.99 * budget < plan.total_bytes <= budget
+    assert "budget 3.00 GB" in plan.describe() and "0.35 s at 2000 Hz" in plan.describe()
+    # explicit slots are the operator's: kept, the rest shares what is left
+    kept = plan_buffers(2000.0, 2, JF1M_FRAME, (1030, 1030), "uint16", n_frame_slots=500,
+                        budget_bytes=budget)
+    assert kept.n_frame_slots == 500 and kept.total_bytes <= budget
+    assert kept.n_image_slots > plan.n_image_slots
+    tiny = plan_buffers(2000.0, 2, JF1M_FRAME, (1030, 1030), "uint16", budget_bytes=1)
+    assert (tiny.n_frame_slots, tiny.n_image_slots) == (MIN_SLOTS, MIN_SLOTS)
+
+
+def test_nominal_rate_sets_the_default_slots(tmp_path):
+    raw = {**json.loads((CONFIGS / "jungfrau_1m.json").read_text()), "nominal_rate_hz": 250}
+    config = parse_config(raw)
+    assert (config.rate_hz, config.n_frame_slots, config.n_image_slots) == (250.0, 250, 250)
+    assert parse_config({**raw, "n_image_slots": 40}).n_image_slots == 40
+    for bad in (0, -5, "fast", True, 1e7):
+        with pytest.raises(ConfigError, match=r"nominal_rate_hz: expected a frame rate in "
+                           rf"\(0, 1000000\] Hz, got {re.escape(repr(bad))}"):
+            parse_config({**raw, "nominal_rate_hz": bad})

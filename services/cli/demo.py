@@ -10,7 +10,9 @@ against the simulator's content. Exit code 0 only when every image is in the fil
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -22,10 +24,13 @@ import numpy as np
 from bluesky import RunEngine
 from bluesky import plans as bp
 
+from fastcore.buffer_sizing import MIN_SLOTS
 from fastcore.config import ConfigError, load_config
 from fastcore.demo import simulated_image
 from services.cli.run import Launcher, LaunchOptions
 from stddaq_ophyd import StdDaqDetector
+
+DEMO_BUFFER_SECONDS = 2.0
 
 
 class ProgressBar:
@@ -57,6 +62,24 @@ def check_file(path: str, config, n_images: int, check_every: int) -> dict:
         return {"rows": data.shape[0], "bad_status": int(np.count_nonzero(status[:n_images])),
                 "checked": checked, "wrong": wrong, "first_id": int(ids[0]) if len(ids) else 0,
                 "last_id": int(ids[min(n_images, len(ids)) - 1]) if len(ids) else 0}
+
+
+def demo_config(path: str, config, rate: float, work: Path) -> str:
+    """The config, with buffers for DEMO_BUFFER_SECONDS of the demo's rate where the file
+    leaves them to their default (1 s of the detector's nominal rate: GBs to map at start)."""
+    raw = json.loads(Path(path).read_text())
+    if "n_frame_slots" in raw and "n_image_slots" in raw:
+        return path
+    slots = max(MIN_SLOTS, math.ceil(DEMO_BUFFER_SECONDS * rate))
+    default = config.buffer_plan()
+    raw.setdefault("n_frame_slots", slots)
+    raw.setdefault("n_image_slots", slots)
+    copy = work / Path(path).name
+    copy.write_text(json.dumps(raw, indent=1))
+    print(f"  buffers: {slots} slots = {DEMO_BUFFER_SECONDS:g} s at {rate:g} Hz (the config's "
+          f"default, {default.seconds(default.n_image_slots):g} s at "
+          f"{default.nominal_rate_hz:g} Hz, maps {default.total_bytes / 1e9:.1f} GB)")
+    return str(copy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stddaq demo: simulated {config.detector_type} {config.detector_name} "
           f"({config.n_modules} modules, {config.image_pixel_width}x"
           f"{config.image_pixel_height}) at {args.rate:g} Hz; logs in {work / 'logs'}")
-    launcher = Launcher(args.config, LaunchOptions(ipc_dir=str(work), log_dir=str(work / "logs"),
+    config_path = demo_config(args.config, config, args.rate, work)
+    launcher = Launcher(config_path, LaunchOptions(ipc_dir=str(work), log_dir=str(work / "logs"),
                                                    simulate_hz=args.rate))
     began = time.monotonic()
     try:

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import shm_dir
 from fastcore.config import ConfigError, load_config
 from fastcore.process import DEFAULT_IPC_DIR
@@ -89,6 +90,14 @@ class Launcher:
         self.supervisor = Supervisor(service_specs(config_path, options), self.log_dir)
 
     def start(self) -> None:
+        plan = self.config.buffer_plan()
+        log.info("buffers: %s", plan.describe())
+        if plan.short:
+            log.warning("the buffers hold less than %g s at the nominal %g Hz%s: a writer or "
+                        "consumer stalled longer than that loses images (see "
+                        "docs/operations.md, sizing the buffers)", BUFFER_SECONDS,
+                        plan.nominal_rate_hz,
+                        " (cut to the memory budget)" if plan.clamped else "")
         try:
             self.supervisor.start()
         except BaseException:

@@ -39,7 +39,7 @@ assert MMSGHDR.itemsize == 64 and IOVEC.itemsize == 16
 MSG_WAITFORONE = 0x10000
 MSG_TRUNC = 0x20
 SO_RCVBUFFORCE = 33
-DEFAULT_RCVBUF = 2**30  # 1 GiB: about 0.25 s of one Jungfrau module at 2 kHz (the kernel
+DEFAULT_RCVBUF = 2**30  # 1 GiB: about 0.5 s of one Jungfrau module at 2 kHz (the kernel
 # charges about 8.3 kB per 8240 B packet)
 _MAX_RCVBUF = 2**31 // 2 - 1  # the kernel keeps at most INT_MAX / 2 (and doubles it)
 

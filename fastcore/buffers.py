@@ -414,9 +414,13 @@ class FrameBuffer(_SlotRing):
         per_module = self._slots.reshape(self.n_slots, self.n_modules, self.module_bytes)
         return per_module[:, module, : MODULE_FRAME.itemsize].view(np.uint64)
 
-    def frame_ids(self, frame_id: int) -> np.ndarray:
-        """Ids currently held by every module in the slot of ``frame_id`` (a copy)."""
-        return self._meta["id"][self.slot(frame_id)].copy()
+    def held_ids(self, frame_ids: np.ndarray) -> np.ndarray:
+        """(len(frame_ids), n_modules) ids held in the slots of ``frame_ids`` (a copy)."""
+        return self._meta["id"][frame_ids % np.uint64(self.n_slots)]
+
+    def received_packets(self, frame_ids: np.ndarray) -> np.ndarray:
+        """(len(frame_ids), n_modules) n_recv_packets in the slots of ``frame_ids``."""
+        return self._meta["n_recv_packets"][frame_ids % np.uint64(self.n_slots)]
 
     def data_address(self, slot: int, module: int) -> int:
         """Virtual address of the frame bytes of (slot, module), for recvmmsg iovecs."""

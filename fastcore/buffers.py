@@ -51,6 +51,7 @@ def _segment_path(name: str) -> str:
                              f"{DEFAULT_SHM_DIR}) does not exist")
     return os.path.join(directory, name)
 _PAGE = 4096
+SEGMENT_MODE = 0o640  # the creating user writes; its group (consumers run as it) reads
 _IMAGE_META_BYTES = 128  # ImageMetadata (72 B) padded to two cache lines
 
 
@@ -123,8 +124,9 @@ class SharedSegment:
                 )
             log.warning("replacing leftover shared memory %s (creator pid %s is gone)", path, pid)
             os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, SEGMENT_MODE)
         try:
+            os.fchmod(fd, SEGMENT_MODE)  # whatever the umask
             os.ftruncate(fd, size)
         except OSError:
             os.close(fd)

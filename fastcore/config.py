@@ -57,6 +57,7 @@ class DetectorConfig:
     pedestal_file: str | None = None
     gain_file: str | None = None
     output_root: str | None = None
+    allow_request_user_id: bool = False  # may a write request choose the file owner?
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -235,6 +236,12 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
                           f"got {rate!r}")
         else:
             optional["nominal_rate_hz"] = float(rate)
+    if "allow_request_user_id" in raw:
+        if isinstance(raw["allow_request_user_id"], bool):
+            optional["allow_request_user_id"] = raw["allow_request_user_id"]
+        else:
+            errors.append("allow_request_user_id: expected true or false, got "
+                          f"{raw['allow_request_user_id']!r}")
     for path_field in ("pedestal_file", "gain_file", "output_root"):
         value = raw.get(path_field)
         if value is None:

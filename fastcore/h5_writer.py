@@ -38,6 +38,7 @@ from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus, image_records
 from fastcore.h5_recovery import RecoveryError, recover_file
+from fastcore.output_file import OutputPathError, create_exclusive, fd_path
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
 from fastcore.writer_protocol import (
     COMMAND_TTL_S,
@@ -119,16 +120,18 @@ class RunFile:
     def __post_init__(self) -> None:
         config, shape, dtype = self.config, self.images.shape, self.images.dtype
         directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            raise WriteError(f"cannot write {self.path}: directory {directory} does not exist")
         self.reserve = os.path.join(directory, f".{os.path.basename(self.path)}.reserve")
         try:
             with effective_user(self.info.user_id or config.writer_user_id):
-                self.file = h5py.File(self.path, "w-", libver="latest")
-                self._reserve_space()
-        except FileExistsError:
-            raise WriteError(f"cannot write {self.path}: the file exists (stddaq never "
-                             "overwrites data)") from None
+                dir_fd, fd = create_exclusive(self.path, config.output_root)
+                try:
+                    self.file = h5py.File(fd_path(fd), "w", libver="latest")
+                    self._reserve_space(dir_fd)
+                finally:
+                    os.close(fd)
+                    os.close(dir_fd)
+        except OutputPathError as exc:
+            raise WriteError(str(exc)) from None
         except OSError as exc:
             reason = "permission denied" if isinstance(exc, PermissionError) else str(exc)
             raise WriteError(f"cannot write {self.path}: {reason}") from None
@@ -160,11 +163,13 @@ class RunFile:
         self.flushed = 0  # rows visible to readers, and kept if the writer is killed
         self._zero_chunk: np.ndarray | None = None
 
-    def _reserve_space(self) -> None:
+    def _reserve_space(self, dir_fd: int) -> None:
         """Hold back some disk space, released before closing, so the file can always be
         closed valid even when the disk fills up during the run."""
+        reserve = os.path.basename(self.reserve)
         try:
-            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                         0o600, dir_fd=dir_fd)
             try:
                 os.posix_fallocate(fd, 0, _RESERVE_BYTES)
             finally:
@@ -172,8 +177,8 @@ class RunFile:
         except OSError:
             self.file.close()
             with contextlib.suppress(OSError):
-                os.unlink(self.reserve)
-            os.unlink(self.path)
+                os.unlink(reserve, dir_fd=dir_fd)
+            os.unlink(os.path.basename(self.path), dir_fd=dir_fd)
             raise
 
     @property

@@ -84,6 +84,20 @@ def _int(request: dict, name: str, minimum: int, maximum: int) -> int | None:
     return value
 
 
+def _user_id(request: dict, config: DetectorConfig) -> int | None:
+    """The file owner a request asks for: the operator's ``writer_user_id`` decides; a
+    request's own ``user_id`` (0 or absent: the config's) only where the config allows it."""
+    user_id = _int(request, "user_id", 0, 2**31 - 1)
+    if not user_id or user_id == config.writer_user_id:
+        return None
+    if not config.allow_request_user_id:
+        raise RequestError(
+            f"user_id: {user_id} is not allowed: files of {config.detector_name} are written "
+            f"as writer_user_id {config.writer_user_id} of the detector config (the operator "
+            "may let requests choose with allow_request_user_id)")
+    return user_id
+
+
 def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest:
     """Check a write request; raises RequestError naming the first bad field."""
     if not isinstance(request, dict):
@@ -112,7 +126,7 @@ def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest
     if image_timeout is not None and not valid_image_timeout(image_timeout):
         raise RequestError(f"image_timeout: expected seconds > 0 and <= "
                            f"{MAX_IMAGE_TIMEOUT_S:g}, got {image_timeout!r:.40}")
-    return WriteRequest(path, n_images, _int(request, "user_id", 0, 2**31 - 1),
+    return WriteRequest(path, n_images, _user_id(request, config),
                         _int(request, "run_id", 0, 2**64 - 1),
                         _int(request, "start_image_id", 0, MAX_ID), metadata, compression,
                         None if image_timeout is None else float(image_timeout))

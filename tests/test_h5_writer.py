@@ -390,6 +390,29 @@ def test_bad_directory_is_reported_and_the_writer_keeps_serving(harness, tmp_pat
     check_in_fresh_process(good, h.name, [4], [0])
 
 
+def test_nothing_below_the_output_root_leads_elsewhere(harness, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "sub").mkdir()
+    (root / "sub" / "final.h5").symlink_to(outside / "target.h5")
+    h = harness(output_root=str(root))
+    through = str(root / "link" / "x.h5")
+    assert h.start(through, 1, 1, until="error")["message"] == (
+        f"cannot write {through}: {root}/link is a symbolic link or not a directory "
+        f"(nothing below the output root {root} may lead elsewhere)")
+    final = str(root / "sub" / "final.h5")
+    assert h.start(final, 1, 2, until="error")["message"] == (
+        f"cannot write {final}: the file exists (stddaq never overwrites data)")
+    assert list(outside.iterdir()) == []  # nothing created through either link
+    good = str(root / "sub" / "good.h5")
+    h.start(good, 1, 3)
+    h.put(5)
+    assert h.events()[-1]["reason"] == "completed"
+    check_in_fresh_process(good, h.name, [5], [0])
+
+
 def test_writes_as_writer_user_id(harness, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to act as another user")

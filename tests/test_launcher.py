@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 
@@ -73,6 +74,22 @@ def test_launcher_runs_a_whole_daq_and_stops_cleanly(launched):
     with h5py.File(out_dir / "run.h5", "r") as f:
         assert f[config.detector_name]["data"].shape == (20, *config.image_shape)
         assert list(f[config.detector_name]["status"]) == [0] * 20
+
+
+def test_a_second_instance_is_refused_and_leaves_the_first_running(launched, ipc_dir,
+                                                                   tmp_path):
+    _, client, config, out_dir, _ = launched
+    second = subprocess.run(
+        module_cmd("services.cli.run", str(tmp_path / f"{config.detector_name}.json"),
+                   "--ipc-dir", ipc_dir, "--log-dir", str(tmp_path / "logs2")),
+        capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert (f"stddaq-run: error: std-daq for {config.detector_name} is already running here"
+            ) in second.stderr
+    assert not (tmp_path / "logs2" / "udp-recv.log").exists()  # nothing was started
+    run = client.start_write({"output_file": str(out_dir / "after.h5"), "n_images": 5},
+                             timeout=20)
+    assert run.done.wait(60) and not run.failed, run.message
 
 
 @pytest.mark.parametrize("service", ["assembler", "udp-recv"])

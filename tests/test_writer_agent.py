@@ -261,6 +261,24 @@ def test_bad_requests_name_the_field(request_, message, make_config, tmp_path):
         validate_write_request(request_, config)
 
 
+def test_the_operator_decides_the_file_owner(make_config, tmp_path):
+    path, _ = make_config("jungfrau_1m.json", writer_user_id=1000)
+    config = load_config(path)
+    out = str(tmp_path / "x.h5")
+    for user_id in (None, 0, 1000):  # absent or 0 (the original's default): the config's
+        request = {"output_file": out, "n_images": 1}
+        if user_id is not None:
+            request["user_id"] = user_id
+        assert validate_write_request(request, config).user_id is None
+    with pytest.raises(RequestError, match=r"user_id: 4242 is not allowed: files of .* are "
+                       r"written as writer_user_id 1000 of the detector config"):
+        validate_write_request({"output_file": out, "n_images": 1, "user_id": 4242}, config)
+    allowed, _ = make_config("jungfrau_1m.json", writer_user_id=1000,
+                             allow_request_user_id=True)
+    assert validate_write_request({"output_file": out, "n_images": 1, "user_id": 4242},
+                                  load_config(allowed)).user_id == 4242
+
+
 def test_fields_of_other_services_are_ignored(make_config, tmp_path):
     path, _ = make_config("jungfrau_1m.json")
     out = str(tmp_path / "x.h5")

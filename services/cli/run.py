@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastcore.buffer_sizing import BUFFER_SECONDS
-from fastcore.buffers import shm_dir
+from fastcore.buffers import segment_alive, shm_dir, shm_name
 from fastcore.config import ConfigError, load_config
 from fastcore.process import DEFAULT_IPC_DIR
 from services.supervisor import ServiceSpec, Supervisor
@@ -78,6 +78,10 @@ def service_specs(config_path: str, options: LaunchOptions) -> list[ServiceSpec]
     return specs
 
 
+class AlreadyRunningError(RuntimeError):
+    """The detector's std-daq already runs on this machine."""
+
+
 class Launcher:
     """Run the services of one detector under a Supervisor (also used by the demo)."""
 
@@ -90,6 +94,13 @@ class Launcher:
         self.supervisor = Supervisor(service_specs(config_path, options), self.log_dir)
 
     def start(self) -> None:
+        for buffer in ("frames", "image"):
+            name = shm_name(self.config.detector_name, buffer)
+            if segment_alive(name):
+                raise AlreadyRunningError(
+                    f"std-daq for {self.config.detector_name} is already running here (its "
+                    f"shared memory {name} belongs to a running process): stop it first or "
+                    "use another detector_name")
         plan = self.config.buffer_plan()
         log.info("buffers: %s", plan.describe())
         if plan.short:
@@ -111,7 +122,8 @@ class Launcher:
         prefix = f"stddaq.{self.config.detector_name}."
         directory = shm_dir()
         for entry in os.listdir(directory):
-            if entry.startswith(prefix):
+            # a segment whose creator still runs belongs to another instance: keep it
+            if entry.startswith(prefix) and not segment_alive(entry):
                 log.warning("removing shared memory %s left by a killed service", entry)
                 os.unlink(os.path.join(directory, entry))
 
@@ -160,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         launcher.start()
+    except AlreadyRunningError as exc:
+        print(f"stddaq-run: error: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         print(f"stddaq-run: error: a service did not start: {exc}", file=sys.stderr)
         return 1

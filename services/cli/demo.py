@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -64,21 +65,22 @@ def check_file(path: str, config, n_images: int, check_every: int) -> dict:
                 "last_id": int(ids[min(n_images, len(ids)) - 1]) if len(ids) else 0}
 
 
-def demo_config(path: str, config, rate: float, work: Path) -> str:
-    """The config, with buffers for DEMO_BUFFER_SECONDS of the demo's rate where the file
-    leaves them to their default (1 s of the detector's nominal rate: GBs to map at start)."""
+def demo_config(path: str, config, rate: float, work: Path, output_dir: Path) -> str:
+    """A copy of the config for the demo: files only in the demo's output directory, and
+    buffers for DEMO_BUFFER_SECONDS of the demo's rate where the file leaves them to their
+    default (1 s of the detector's nominal rate: GBs to map at start)."""
     raw = json.loads(Path(path).read_text())
-    if "n_frame_slots" in raw and "n_image_slots" in raw:
-        return path
-    slots = max(MIN_SLOTS, math.ceil(DEMO_BUFFER_SECONDS * rate))
-    default = config.buffer_plan()
-    raw.setdefault("n_frame_slots", slots)
-    raw.setdefault("n_image_slots", slots)
+    raw["output_root"] = os.path.abspath(output_dir)
+    if "n_frame_slots" not in raw or "n_image_slots" not in raw:
+        slots = max(MIN_SLOTS, math.ceil(DEMO_BUFFER_SECONDS * rate))
+        default = config.buffer_plan()
+        raw.setdefault("n_frame_slots", slots)
+        raw.setdefault("n_image_slots", slots)
+        print(f"  buffers: {slots} slots = {DEMO_BUFFER_SECONDS:g} s at {rate:g} Hz (the "
+              f"config's default, {default.seconds(default.n_image_slots):g} s at "
+              f"{default.nominal_rate_hz:g} Hz, maps {default.total_bytes / 1e9:.1f} GB)")
     copy = work / Path(path).name
     copy.write_text(json.dumps(raw, indent=1))
-    print(f"  buffers: {slots} slots = {DEMO_BUFFER_SECONDS:g} s at {rate:g} Hz (the config's "
-          f"default, {default.seconds(default.n_image_slots):g} s at "
-          f"{default.nominal_rate_hz:g} Hz, maps {default.total_bytes / 1e9:.1f} GB)")
     return str(copy)
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stddaq demo: simulated {config.detector_type} {config.detector_name} "
           f"({config.n_modules} modules, {config.image_pixel_width}x"
           f"{config.image_pixel_height}) at {args.rate:g} Hz; logs in {work / 'logs'}")
-    config_path = demo_config(args.config, config, args.rate, work)
+    config_path = demo_config(args.config, config, args.rate, work, output_dir)
     launcher = Launcher(config_path, LaunchOptions(ipc_dir=str(work), log_dir=str(work / "logs"),
                                                    simulate_hz=args.rate))
     began = time.monotonic()

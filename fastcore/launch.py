@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,12 @@ class ChildProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
         self.args = args
         self.log_path = Path(log_path)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # appended: a restart keeps the output (the traceback) of the run before it
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} started: "
+                        f"{' '.join(args)}\n".encode())
+        self._log.flush()
+        self._offset = self._log.tell()
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, env=env,
                                       start_new_session=True)
@@ -32,14 +38,19 @@ class ChildProcess:
 
     @property
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """What this run of the process printed (not the runs before it in the log)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._offset)
+            return log.read().decode(errors="replace")
 
     def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        """Wait until ``text`` appears in the output; raise RuntimeError with the log if the
-        process exits first or the time runs out."""
+        """Wait until ``text`` appears in the output as a word of its own (at the start of a
+        line or after a blank: "ready:" is not found in "already:"); raise RuntimeError with
+        the log if the process exits first or the time runs out."""
+        pattern = re.compile(rf"(?:^|\s){re.escape(text)}", re.MULTILINE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.output:
+            if pattern.search(self.output):
                 return
             if self.popen.poll() is not None:
                 raise RuntimeError(f"{' '.join(self.args[1:4])} exited with code "

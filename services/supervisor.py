@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class ServiceSpec:
     name: str
     args: list[str]
-    ready_text: str | None = "ready"
+    ready_text: str | None = "ready:"
     restart: bool = True
     ready_timeout: float = 60.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -76,6 +77,20 @@ def test_launcher_runs_a_whole_daq_and_stops_cleanly(launched):
         assert list(f[config.detector_name]["status"]) == [0] * 20
 
 
+def test_a_udp_port_in_use_is_named_as_the_cause(make_config, ipc_dir, tmp_path):
+    path, raw = make_config("jungfrau_1m.json")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", raw["start_udp_port"]))
+        result = subprocess.run(module_cmd("services.cli.run", str(path), "--ipc-dir", ipc_dir,
+                                           "--log-dir", str(tmp_path / "logs")),
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "stddaq-run: error: a service did not start: " in result.stderr
+    assert (f"UDP port {raw['start_udp_port']} on 127.0.0.1 is already in use (is another "
+            "receiver running?)") in result.stderr
+    assert "does not exist" not in result.stderr
+
+
 def test_a_second_instance_is_refused_and_leaves_the_first_running(launched, ipc_dir,
                                                                    tmp_path):
     _, client, config, out_dir, _ = launched
@@ -95,7 +110,7 @@ def test_a_second_instance_is_refused_and_leaves_the_first_running(launched, ipc
 @pytest.mark.parametrize("service", ["assembler", "udp-recv"])
 def test_a_killed_service_is_restarted_and_the_acquisition_still_ends_in_a_file(
         launched, service):
-    launcher, client, config, out_dir, _ = launched
+    launcher, client, config, out_dir, logs = launched
     run = client.start_write({"output_file": str(out_dir / "restart.h5"), "n_images": 80},
                              timeout=20)
     deadline = time.monotonic() + 20
@@ -108,6 +123,8 @@ def test_a_killed_service_is_restarted_and_the_acquisition_still_ends_in_a_file(
     while pid_of(launcher, service) == old_pid and time.monotonic() < deadline:
         time.sleep(0.1)
     assert pid_of(launcher, service) != old_pid
+    log = (logs / f"{service}.log").read_text()  # the killed run's output is kept
+    assert log.count(" started: ") == 2 and log.index("ready:") < log.rindex(" started: ")
     assert run.done.wait(90) and not run.failed, run.message
     result = run.result
     assert result["n_images"] + result["n_missing"] == 80

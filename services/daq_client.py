@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from services.broker.address import AMQP_PORT, parse_broker_url
 from services.broker.client import BrokerClient
 from services.broker.protocol import (
     ACTION_REQUEST_FAIL,
@@ -117,10 +118,11 @@ class DaqClient:
     """Write requests to one writer agent (``writer_service``) and their progress."""
 
     def __init__(self, writer_service: str, broker_host: str = "127.0.0.1",
-                 redis_client: redis.Redis | None = None, broker_port: int = 5672):
+                 redis_client: redis.Redis | None = None, broker_port: int = AMQP_PORT):
         self.writer_service = writer_service
-        self.broker_host = broker_host
-        self.broker_port = broker_port
+        host, port = parse_broker_url(broker_host)  # "host:port" is understood as such
+        self.broker_host = host
+        self.broker_port = port if broker_port == AMQP_PORT else broker_port
         self.redis_client = redis_client
         self._broker: BrokerClient | None = None
         self._progress: ProgressFollower | None = None

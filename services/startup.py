@@ -30,6 +30,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.broker.address import parse_broker_url
+
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s %(message)s"
@@ -50,7 +52,7 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log_level", default="INFO",
                         choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     parser.add_argument("--broker_url", default=os.environ.get("BROKER_HOST", "127.0.0.1"),
-                        help="RabbitMQ host (env BROKER_HOST, default 127.0.0.1)")
+                        help="RabbitMQ host or host:port (env BROKER_HOST, default 127.0.0.1)")
     parser.add_argument("--redis_host", default=os.environ.get("REDIS_HOST", "127.0.0.1"),
                         help="Redis host (env REDIS_HOST, default 127.0.0.1)")
     parser.add_argument("--redis_port", type=int,
@@ -106,6 +108,11 @@ def service_setup(parser: argparse.ArgumentParser, argv: list[str] | None = None
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr,
                         force=True)
     logging.getLogger("pika").setLevel(logging.WARNING)
+    try:
+        args.broker_host, args.broker_port = parse_broker_url(args.broker_url)
+    except ValueError as exc:
+        raise SetupError(f"--broker_url: {exc} (expected host, host:port or "
+                         "amqp://host:port)") from None
     args.redis_skip = _env_true("REDIS_SKIP")
     if not args.service_name:
         if not args.redis_skip:
@@ -197,8 +204,9 @@ def serve_primary(service_name: str, handler: Any, args: argparse.Namespace, con
     (state: running / <busy> / broker unreachable). ``what`` names the work in the log."""
     from services.broker.primary import PrimaryService  # pika only for broker services
 
-    service = PrimaryService(service_name, handler, broker_host=args.broker_url,
-                             tag=args.tag, refuse_when_busy=refuse_when_busy)
+    service = PrimaryService(service_name, handler, broker_host=args.broker_host,
+                             port=args.broker_port, tag=args.tag,
+                             refuse_when_busy=refuse_when_busy)
     heartbeat = StatusHeartbeat(service_name, config, client, lambda: dict(
         counters(), busy=busy(), broker_connected=service.connected))
     stop = threading.Event()

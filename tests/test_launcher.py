@@ -91,6 +91,24 @@ def test_a_udp_port_in_use_is_named_as_the_cause(make_config, ipc_dir, tmp_path)
     assert "does not exist" not in result.stderr
 
 
+def test_an_unreachable_broker_is_named_before_anything_starts(make_config, ipc_dir,
+                                                               tmp_path):
+    path, _ = make_config("jungfrau_1m.json")
+    port = free_tcp_port()  # nothing listens there
+    result = subprocess.run(module_cmd("services.cli.run", str(path), "--ipc-dir", ipc_dir,
+                                       "--broker-host", f"127.0.0.1:{port}",
+                                       "--log-dir", str(tmp_path / "logs")),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert (f"stddaq-run: error: RabbitMQ at 127.0.0.1:{port} does not answer (Connection "
+            "refused): start it, or name it with --broker-host HOST[:PORT]") in result.stderr
+    assert not (tmp_path / "logs" / "udp-recv.log").exists()
+    bad = subprocess.run(module_cmd("services.cli.run", str(path), "--broker-host", "h:x"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--broker-host: bad port in broker address 'h:x'" in \
+        bad.stderr
+
+
 def test_a_second_instance_is_refused_and_leaves_the_first_running(launched, ipc_dir,
                                                                    tmp_path):
     _, client, config, out_dir, _ = launched

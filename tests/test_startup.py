@@ -11,6 +11,7 @@ import uuid
 import pytest
 import redis
 
+from services.daq_client import DaqClient
 from services.startup import (
     STATUS_TTL_S,
     SetupError,
@@ -60,6 +61,21 @@ def test_service_name_is_required_unless_redis_skip(tmp_path, monkeypatch):
     monkeypatch.setenv("REDIS_SKIP", "true")
     name, config, args = service_setup(argparse.ArgumentParser(), argv)
     assert len(name) == 36 and config == {} and args.redis_skip
+
+
+def test_broker_address_with_a_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDIS_SKIP", "true")
+    argv = ["--json_config_file", str(tmp_path / "none.json"), "--broker_url"]
+    for given, address in (("127.0.0.1:5690", ("127.0.0.1", 5690)),
+                           ("amqp://rabbit.psi.ch:5673/", ("rabbit.psi.ch", 5673)),
+                           ("rabbit", ("rabbit", 5672))):
+        _, _, args = service_setup(argparse.ArgumentParser(), [*argv, given])
+        assert (args.broker_host, args.broker_port) == address
+    with pytest.raises(SetupError, match=r"--broker_url: bad port in broker address "
+                       r"'host:99999' \(expected host, host:port or amqp://host:port\)"):
+        service_setup(argparse.ArgumentParser(), [*argv, "host:99999"])
+    client = DaqClient("x.writer", "127.0.0.1:5690")
+    assert (client.broker_host, client.broker_port) == ("127.0.0.1", 5690)
 
 
 def test_bad_config_file_is_a_clear_error(tmp_path, monkeypatch):

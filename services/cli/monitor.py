@@ -29,6 +29,7 @@ from services.broker import (
     ACTION_REQUEST_SUCCESS,
     StatusAggregator,
 )
+from services.broker.address import parse_broker_url
 from services.cli import (
     BG_GREEN,
     BG_RED,
@@ -49,7 +50,6 @@ from services.cli import (
     connect_broker,
     fail,
     note,
-    parse_broker_url,
     quiet_logging,
     second_interrupt_exits,
     seconds,

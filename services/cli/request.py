@@ -27,6 +27,7 @@ from services.broker import (
     BrokerClient,
     BrokerError,
 )
+from services.broker.address import parse_broker_url
 from services.cli import (
     BOLD,
     DIM,
@@ -47,7 +48,6 @@ from services.cli import (
     connect_broker,
     fail,
     note,
-    parse_broker_url,
     quiet_logging,
     second_interrupt_exits,
     seconds,

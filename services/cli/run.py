@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -23,9 +24,11 @@ from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import segment_alive, shm_dir, shm_name
 from fastcore.config import ConfigError, load_config
 from fastcore.process import DEFAULT_IPC_DIR
+from services.broker.address import parse_broker_url
 from services.supervisor import ServiceSpec, Supervisor
 
 log = logging.getLogger("stddaq-run")
+BROKER_CHECK_S = 3.0  # how long stddaq-run waits for RabbitMQ to accept a connection
 
 
 @dataclass
@@ -155,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
     parser.add_argument("--redis-port", type=int, default=6379)
     args = parser.parse_args(argv)
+    try:
+        broker = parse_broker_url(args.broker_host)
+    except ValueError as exc:
+        parser.error(f"--broker-host: {exc} (expected host or host:port)")
     if args.simulate is not None and args.simulate <= 0:
         parser.error(f"--simulate: expected a frame rate > 0, got {args.simulate}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s "
@@ -166,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         launcher = Launcher(args.config, options)
     except ConfigError as exc:
         print(f"stddaq-run: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        socket.create_connection(broker, timeout=BROKER_CHECK_S).close()
+    except OSError as exc:
+        print(f"stddaq-run: error: RabbitMQ at {broker[0]}:{broker[1]} does not answer "
+              f"({exc.strerror or exc}): start it, or name it with --broker-host HOST[:PORT]",
+              file=sys.stderr)
         return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -60,7 +60,8 @@ def _open_directory(path: str, root: str | None) -> int:
                 raise OutputPathError(
                     f"cannot write {path}: {reached} is a symbolic link or not a directory "
                     f"(nothing below the output root {root} may lead elsewhere)") from None
-            raise _directory_error(path, reached, exc) from None
+            raise _directory_error(path, directory if exc.errno == errno.ENOENT else reached,
+                                   exc) from None
         os.close(fd)
         fd = next_fd
     return fd

@@ -249,7 +249,23 @@ def test_kill_reaches_on_kill(broker):
     result = cli(REQUEST, name, "--kill", request_id)
     assert result.returncode == 0, result.stderr
     assert f"kill for request {request_id} sent to {name}" in result.stderr
-    wait_until(lambda: handler.kills == [request_id], what="on_kill")
+    assert (f"request {request_id} ended at {name}: request_success {{\"killed\": true}}"
+            in result.stderr)
+    assert handler.kills == [request_id]
+
+
+def test_kill_for_a_request_that_is_not_running_says_so(broker):
+    name, handler = broker.service()
+    unknown = "0b8f7c1e-0000-4000-8000-000000000000"
+    started = time.monotonic()
+    result = cli(REQUEST, name, "--kill", unknown, "--kill-wait", "1.5")
+    assert result.returncode == 5, result.stderr
+    assert assert_one_error_line(result, "stddaq-request") == (
+        f"stddaq-request: error: kill for request {unknown} sent to {name}, but no service "
+        "ended it within 1.5 s: no request with that id was running there (unknown id, or it "
+        "had already finished)")
+    assert time.monotonic() - started < 10
+    assert handler.kills == [unknown]  # delivered; the service ignored it
 
 
 def test_ctrl_c_while_waiting_tells_how_to_kill(broker):

@@ -59,6 +59,7 @@ from services.startup import redis_client
 
 PROG = "stddaq-request"
 SETTLE_S = 0.5  # without --services: quiet time after the last final status
+KILL_WAIT_S = 5.0  # --kill waits this long for the killed request's final status
 QUIET_NOTICE_S = 5.0  # a notice when no service has reported after this long
 PROGRESS_EVERY_S = 1.0  # progress lines at most this often when stdout is not a terminal
 
@@ -89,13 +90,14 @@ examples:
   stddaq-request debug.writer request.json --json | jq .status
 
 exit codes:
-  0    every expected service reported success (--no-wait / --kill: the message was
-       confirmed by RabbitMQ)
+  0    every expected service reported success (--no-wait: the message was confirmed
+       by RabbitMQ; --kill: the request was running and has ended)
   1    a service reported a failure (its message is printed)
   2    bad usage or bad request JSON (the position of the error is printed)
   3    timeout: the services that did not finish are named
   4    RabbitMQ not reachable
-  5    no service is bound to TAG (nothing would receive the request)
+  5    no service is bound to TAG (nothing would receive the request); --kill: no
+       service ended REQUEST_ID within --kill-wait (it was not running there)
   6    partial: a writer ended with fewer good images than requested (killed, images
        flagged, lost or absent); the file holds what was written, the printed summary
        says what is missing
@@ -129,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the services expected to finish: a count, or names "
                         "separated by commas (default: every service that reports)")
     parser.add_argument("--kill", metavar="REQUEST_ID",
-                        help="send a kill for REQUEST_ID to TAG instead of a request")
+                        help="send a kill for REQUEST_ID to TAG instead of a request, and "
+                        "wait for the request to end")
+    parser.add_argument("--kill-wait", metavar="S", type=seconds, default=KILL_WAIT_S,
+                        help="how long --kill waits for the request's final status "
+                        "(default: %(default)s s; exit 5 when none comes)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document (request id, outcome, statuses per "
                         "service, last progress) instead of the live lines")
@@ -393,7 +399,7 @@ class Session:
             host, port = parse_broker_url(self.args.broker_url)
         except ValueError as exc:
             raise CliError(f"--broker_url: {exc}", EXIT_USAGE) from None
-        with_statuses = self.args.wait and not self.args.kill
+        with_statuses = self.args.wait or self.args.kill
         if with_statuses and self.args.progress:
             self.redis = redis_client(self.args.redis_host, self.args.redis_port)
             self.follow_progress(self.args.tag, timeout=0)
@@ -505,6 +511,40 @@ def follow(session: Session, request_id: str, out: Out) -> int:
     return EXIT_OK
 
 
+def await_kill(session: Session, out: Out) -> int:
+    """After a kill: the final status of the killed request, or exit 5 when no service
+    ends it within --kill-wait (the id was not running at that tag)."""
+    args = session.args
+    if not args.json:
+        note(PROG, f"kill for request {args.kill} sent to {args.tag}")
+    deadline = time.monotonic() + args.kill_wait
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = session.events.get(timeout=left)
+        except queue.Empty:
+            break
+        if event[0] != "status" or event[2] != args.kill:
+            continue
+        headers = event[3]
+        action = headers.get("action")
+        if action not in (ACTION_REQUEST_SUCCESS, ACTION_REQUEST_FAIL):
+            continue
+        source = headers.get("source")
+        if args.json:
+            out.line(to_json({"killed": args.kill, "tag": args.tag, "found": True,
+                              "source": source, "action": action,
+                              "message": headers.get("message")}))
+        else:
+            note(PROG, f"request {args.kill} ended at {source}: {action} "
+                 f"{text_of(headers.get('message'))}")
+        return EXIT_OK
+    if args.json:
+        out.line(to_json({"killed": args.kill, "tag": args.tag, "found": False}))
+    raise CliError(f"kill for request {args.kill} sent to {args.tag}, but no service ended "
+                   f"it within {args.kill_wait:g} s: no request with that id was running "
+                   "there (unknown id, or it had already finished)", EXIT_NOT_ROUTED)
+
+
 def run(args: argparse.Namespace, out: Out) -> int:
     if args.kill and (args.request_file is not None or args.sets):
         raise CliError("--kill sends only a kill: give no request with it", EXIT_USAGE)
@@ -519,11 +559,7 @@ def run(args: argparse.Namespace, out: Out) -> int:
             except BrokerError as exc:
                 raise CliError(str(exc), EXIT_UNREACHABLE if not session.client.connected
                                else EXIT_FAILED) from None
-            if args.json:
-                out.line(to_json({"killed": args.kill, "tag": args.tag}))
-            else:
-                note(PROG, f"kill for request {args.kill} sent to {args.tag}")
-            return EXIT_OK
+            return await_kill(session, out)
         request_id = send(session, request)
         if not args.wait:
             out.line(to_json({"request_id": request_id, "tag": args.tag}) if args.json

@@ -7,8 +7,8 @@ value expected, so a beamline user can fix the file in one go.
 
 from __future__ import annotations
 
+import difflib
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -19,8 +19,6 @@ import numpy as np
 
 from fastcore.buffer_sizing import BufferPlan, plan_buffers
 from fastcore.detectors import GIGAFROST_N_MODULES, NOMINAL_RATE_HZ, module_format
-
-log = logging.getLogger(__name__)
 
 DETECTOR_TYPES = ("jungfrau", "eiger", "gigafrost")
 BIT_DEPTHS = {"jungfrau": (16,), "eiger": (4, 8, 16, 32), "gigafrost": (12, 16)}
@@ -260,7 +258,9 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
     known = {f for f in DetectorConfig.__dataclass_fields__ if f != "extra"}
     extra = {k: v for k, v in raw.items() if k not in known}
     for key in sorted(set(extra) - _IGNORED_FIELDS):
-        log.warning("%s: unknown field %r ignored", source, key)
+        close = difflib.get_close_matches(key, sorted(known | _IGNORED_FIELDS), n=1)
+        errors.append(f"{key}: unknown field" + (f" (did you mean {close[0]}?)" if close else
+                      " (not a field of stddaq or of the original std-daq)"))
 
     if (det_type and bit_depth in BIT_DEPTHS[det_type] and n_modules is not None
             and height is not None and width is not None):  # geometry errors come too

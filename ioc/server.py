@@ -8,6 +8,7 @@ recovers when they return.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -20,6 +21,7 @@ from caproto.server import PVGroup, SubGroup, run, template_arg_parser
 
 from fastcore.config import ConfigError, load_config
 from fastcore.process import DEFAULT_IPC_DIR
+from ioc.access import AccessRules
 from ioc.buffer import BufferGroup
 from ioc.epics_buffer import EpicsBufferGroup
 from ioc.writer import WriterGroup
@@ -58,6 +60,13 @@ class StddaqIOC(PVGroup):
         super().__init__(*args, **kwargs)
 
 
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, split_args = template_arg_parser(
         default_prefix="STDDAQ:", desc="EPICS records (BUF:, WRT:, EPB:) of a std-daq "
@@ -73,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
     parser.add_argument("--redis-port", type=int, default=6379)
     parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    parser.add_argument("--write-hosts", type=_names, default=None, metavar="HOST,...",
+                        help="only these client hosts may write PVs (as the clients name "
+                        "themselves; default: any host); everyone may read")
+    parser.add_argument("--write-users", type=_names, default=None, metavar="USER,...",
+                        help="only these client users may write PVs (default: any user)")
     args = parser.parse_args(argv)
     ioc_options, run_options = split_args(args)
     logging.basicConfig(level=logging.INFO,
@@ -90,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         broker_port=args.broker_port,
         redis_host=args.redis_host, redis_port=args.redis_port)
     ioc = StddaqIOC(settings=settings, **ioc_options)
+    rules = AccessRules.from_lists(args.write_hosts, args.write_users)
+    rules.apply(ioc.pvdb)
 
     async def announce(async_lib) -> None:
-        logging.getLogger(__name__).info("ready: %d PVs with prefix %s", len(ioc.pvdb),
-                                         ioc_options["prefix"])
+        logging.getLogger(__name__).info("ready: %d PVs with prefix %s on %s; %s",
+                                         len(ioc.pvdb), ioc_options["prefix"],
+                                         ", ".join(run_options.get("interfaces") or
+                                                   ["all interfaces"]), rules.describe())
 
     def terminate(*_) -> None:
         raise KeyboardInterrupt  # caproto shuts down cleanly (shutdown hooks) on it

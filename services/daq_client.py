@@ -9,6 +9,7 @@ until ``start()`` (or the first request); every wait has a timeout and fails wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -167,7 +168,8 @@ class DaqClient:
             raise DaqError(f"RabbitMQ at {self.broker_host} not reachable: {exc}") from None
         try:
             request_id = self._broker.send_request(
-                self.writer_service, request, timeout=max(0.1, deadline - time.monotonic()))
+                self.writer_service, request, timeout=max(0.1, deadline - time.monotonic()),
+                expires_s=timeout)  # never started late by an agent that comes back
         except BrokerError as exc:
             raise DaqError(str(exc)) from None
         run = WriteRun(request_id, request)
@@ -176,8 +178,11 @@ class DaqClient:
         self._catch_up(run)
         if not run.started.wait(max(0.0, deadline - time.monotonic())):
             self._forget(run)
+            with contextlib.suppress(BrokerError):  # taken at the last moment: stop it
+                self._broker.kill_request(self.writer_service, request_id, timeout=1.0)
             raise DaqError(f"writer agent {self.writer_service} did not start request "
-                           f"{request_id} within {timeout:g} s (is it running and idle?)")
+                           f"{request_id} within {timeout:g} s (is it running and idle?); "
+                           "the request was withdrawn")
         if run.failed:
             self._forget(run)
             raise DaqError(run.message or "request failed")

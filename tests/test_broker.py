@@ -588,3 +588,33 @@ def test_request_to_a_tag_no_service_is_bound_to_fails(broker):
     client = broker.client()
     with pytest.raises(BrokerError, match=r"no service queue is bound to tag 't\.nobody\."):
         client.send_request(unique("nobody"), {"n": 1}, timeout=0.6)
+
+
+def test_broker_credentials_come_from_the_environment(monkeypatch):
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed: cannot add a RabbitMQ user")
+    user, password = f"stddaq-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_user", user, password)
+    try:
+        ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        monkeypatch.setenv("BROKER_USER", user)
+        monkeypatch.setenv("BROKER_PASSWORD", password)
+        client = BrokerClient("127.0.0.1", status_callback=None)
+        try:
+            client.wait_ready(10)
+            assert client.connected
+        finally:
+            client.close()
+        monkeypatch.setenv("BROKER_PASSWORD", "wrong")
+        refused = BrokerClient("127.0.0.1", status_callback=None)
+        try:
+            with pytest.raises(TimeoutError, match="ACCESS_REFUSED"):
+                refused.wait_ready(3)
+        finally:
+            refused.close()
+    finally:
+        ctl("delete_user", user)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 
+from services.broker.protocol import request_queue_name
 from services.startup import StatusHeartbeat, redis_client
 from tests.conftest import REPO, free_tcp_port
 from tests.test_broker import Broker, unique, wait_until
@@ -425,3 +426,19 @@ def test_monitor_unreachable_broker_exits_4():
     assert result.returncode == 4
     assert f"127.0.0.1:{port}" in assert_one_error_line(result, "stddaq-monitor")
 
+
+
+def test_a_request_no_service_takes_expires_and_never_runs_late(broker):
+    name, handler = broker.service()
+    broker.services[-1].stop()  # the request queue stays; nothing consumes it
+    result = cli(REQUEST, name, "--set", "n_images=2", "--start-timeout", "1.5")
+    assert result.returncode == 3, result.stderr
+    assert re.fullmatch(
+        rf"stddaq-request: error: no service started request [0-9a-f-]{{36}} within 1.5 s "
+        rf"\(is {name}'s service running, and idle\?\); the request expired from its queue "
+        "and will not run later", assert_one_error_line(result, "stddaq-request"))
+    wait_until(lambda: broker.ready_count(request_queue_name(name)) == 0, 10,
+               "the request to expire")
+    broker.primary(name, handler)  # the service comes back: nothing to run
+    time.sleep(1.0)
+    assert handler.calls == []

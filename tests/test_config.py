@@ -134,10 +134,13 @@ def test_original_std_daq_jungfrau_config_loads(caplog):
     assert "unknown field" not in caplog.text
 
 
-def test_unknown_field_is_kept_and_warned(caplog):
-    config = parse_config(jungfrau(my_beamline_field=3), source="x.json")
-    assert config.extra == {"my_beamline_field": 3}
-    assert "my_beamline_field" in caplog.text
+def test_unknown_field_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"my_beamline_field: unknown field \(not a field of "
+                       r"stddaq or of the original std-daq\)"):
+        parse_config(jungfrau(my_beamline_field=3), source="x.json")
+    with pytest.raises(ConfigError, match=r"n_image_slot: unknown field \(did you mean "
+                       r"n_image_slots\?\)"):
+        parse_config(jungfrau(n_image_slot=300), source="x.json")
 
 
 def test_integer_strings_are_coerced_like_the_original():

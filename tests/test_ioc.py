@@ -3,6 +3,7 @@ pyepics (libca) and caproto-get/put, in subprocesses with their own EPICS enviro
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ def ca_env(port: int) -> dict:
 
 class Ioc:
     def __init__(self, config_path, ipc_dir, log_dir, writer_service="none.writer",
-                 broker_port=5672, epics_buffer_service=None):
+                 broker_port=5672, epics_buffer_service=None, extra=()):
         self.port = free_tcp_port()
         self.prefix = f"T{uuid.uuid4().hex[:6]}:"
         args = module_cmd("ioc.server", str(config_path), "--prefix", self.prefix,
@@ -42,6 +43,7 @@ class Ioc:
             args += ["--broker-port", str(broker_port)]
         if epics_buffer_service:
             args += ["--epics-buffer-service", epics_buffer_service]
+        args += list(extra)
         self.proc = Proc(args, log_dir / "ioc.log", env=ca_env(self.port))
         self.proc.wait_for("ready", 30)
 
@@ -215,6 +217,31 @@ print(json.dumps({"writer": wait(P + "WRT:WriterState_RBV", "Idle", 30),
             ioc.proc.popen.send_signal(signal.SIGTERM)
             assert ioc.proc.popen.wait(10) == 0
             assert time.monotonic() - began < 5
+            ioc.stop()
+
+
+def test_access_rules_let_only_the_named_users_write(make_config, ipc_dir, tmp_path):
+    path, _ = make_config("jungfrau_1m.json")
+    me = getpass.getuser()
+    for writers, can_write in (("operator,e12345", False), (f"operator,{me}", True)):
+        ioc = Ioc(path, ipc_dir, tmp_path, extra=["--write-users", writers])
+        try:
+            names = ", ".join(sorted(writers.lower().split(",")))
+            assert f"writes only from any host by {names}; everyone reads" in ioc.proc.output
+            pv = ioc.prefix + "WRT:NumCapture"
+            done = subprocess.run(
+                [os.path.join(os.path.dirname(sys.executable), "caproto-put"), "--no-repeater",
+                 pv, "7"], capture_output=True, text=True, env=ca_env(ioc.port),
+                timeout=30, cwd="/tmp")
+            value = ioc.caproto("get", pv).split()[-1].strip("[]")
+            if can_write:
+                assert done.returncode == 0, done.stderr
+                assert value == "7"
+            else:
+                # caproto-put prints the server's refusal (and exits 0 all the same)
+                assert f"username {me} cannot write" in done.stdout + done.stderr, done
+                assert value != "7"  # readable, unchanged
+        finally:
             ioc.stop()
 
 

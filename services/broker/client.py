@@ -125,16 +125,18 @@ class BrokerClient:
     # ------------------------------------------------------------------ requests
 
     def send_request(self, tag: str, request: Any, headers: Mapping[str, Any] | None = None,
-                     timeout: float | None = None) -> str:
+                     timeout: float | None = None, expires_s: float | None = None) -> str:
         """Publish ``request`` (JSON) to the services bound to ``tag``; return its id once
         RabbitMQ confirmed that a service queue holds it. BrokerError if that does not
         happen within ``timeout`` (default ``publish_timeout``): not connected, or no
         service queue bound to ``tag`` (retried meanwhile: a service may be re-binding
-        after a RabbitMQ restart). The request is then withdrawn."""
+        after a RabbitMQ restart). The request is then withdrawn. With ``expires_s`` a
+        request no service has taken by then is dropped by RabbitMQ."""
         request_id = new_request_id()
         body = encode_request(request)
         self._statuses.track(request_id, request)
-        self._send(REQUEST_EXCHANGE, tag, body, request_properties(request_id, headers),
+        self._send(REQUEST_EXCHANGE, tag, body,
+                   request_properties(request_id, headers, expires_s),
                    timeout, f"request {request_id} to {tag!r}", mandatory=True)
         return request_id
 

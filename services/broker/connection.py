@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -89,6 +90,11 @@ class _Operation:
     generation: int | None
 
 
+# RabbitMQ credentials of every stddaq process (services, tools, IOC, Ophyd), from the
+# environment so that they never show on a command line; RabbitMQ's guest is loopback-only.
+USER_ENV, PASSWORD_ENV = "BROKER_USER", "BROKER_PASSWORD"
+
+
 class BrokerConnection:
     """A self-healing BlockingConnection in a thread of its own (see the module docstring).
 
@@ -100,13 +106,15 @@ class BrokerConnection:
                  name: str, setup: SetupFn | None = None,
                  on_disconnect: Callable[[], None] | None = None,
                  prefetch: int | None = None,
-                 username: str = "guest", password: str = "guest",
+                 username: str | None = None, password: str | None = None,
                  min_backoff: float = 0.25, max_backoff: float = 5.0,
                  heartbeat: int | None = None):
         self.host, self.port, self.name = host, port, name
         self._setup = setup
         self._on_disconnect = on_disconnect
         self._prefetch = prefetch
+        username = username or os.environ.get(USER_ENV, "guest")
+        password = password or os.environ.get(PASSWORD_ENV, "guest")
         self._params = pika.ConnectionParameters(
             host=host, port=port, credentials=pika.PlainCredentials(username, password),
             client_properties={"connection_name": name}, connection_attempts=1,

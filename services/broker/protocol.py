@@ -260,11 +260,13 @@ def status_properties(request_id: str | None, action: str, source: str,
                                 headers=status_headers(action, source, message))
 
 
-def request_properties(request_id: str,
-                       headers: Mapping[str, Any] | None = None) -> pika.BasicProperties:
-    """The properties of a request message."""
+def request_properties(request_id: str, headers: Mapping[str, Any] | None = None,
+                       expires_s: float | None = None) -> pika.BasicProperties:
+    """The properties of a request message; with ``expires_s`` RabbitMQ drops the request
+    if no service has taken it by then (it never runs late)."""
+    expiration = None if expires_s is None else str(max(1, round(expires_s * 1000)))
     return pika.BasicProperties(correlation_id=request_id, delivery_mode=PERSISTENT,
-                                headers=dict(headers or {}))
+                                headers=dict(headers or {}), expiration=expiration)
 
 
 def kill_properties(request_id: str) -> pika.BasicProperties:

@@ -68,6 +68,16 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """argparse type: seconds > 0, or 0 for "no limit"."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return seconds(text)
+
+
 def fail(prog: str, message: str) -> None:
     """Print the one-line error (never more than one line)."""
     text = " ".join(str(message).split())

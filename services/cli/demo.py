@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulated detector frame rate in Hz (default: %(default)s)")
     parser.add_argument("--output-dir", default=None, help="where the file goes "
                         "(default: a new temporary directory)")
+    parser.add_argument("--keep-file", action="store_true",
+                        help="keep the demo's file (default: removed after the check, unless "
+                        "--output-dir is given)")
     parser.add_argument("--check-every", type=int, default=10,
                         help="compare every N-th image with the simulator's content")
     args = parser.parse_args(argv)
@@ -170,6 +173,9 @@ def run_plan(args, config, output_dir: Path) -> int:
           f"image ids {report['first_id']}..{report['last_id']}")
     ok = lost == 0 and report["wrong"] == 0 and report["rows"] >= args.images
     print("  result           " + ("OK" if ok else "PROBLEMS (see the logs)"))
+    if not args.keep_file and args.output_dir is None:
+        Path(path).unlink()  # a demo leaves no GBs behind in /tmp
+        print("  file             removed after the check (--keep-file keeps it)")
     return 0 if ok else 1
 
 

@@ -51,6 +51,7 @@ from services.cli import (
     quiet_logging,
     second_interrupt_exits,
     seconds,
+    seconds_or_zero,
     text_of,
     to_json,
 )
@@ -59,6 +60,7 @@ from services.startup import redis_client
 
 PROG = "stddaq-request"
 SETTLE_S = 0.5  # without --services: quiet time after the last final status
+START_TIMEOUT_S = 60.0  # a request not started by then expires (it never runs late)
 KILL_WAIT_S = 5.0  # --kill waits this long for the killed request's final status
 QUIET_NOTICE_S = 5.0  # a notice when no service has reported after this long
 PROGRESS_EVERY_S = 1.0  # progress lines at most this often when stdout is not a terminal
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--services", metavar="N|NAME,...", type=_services, default=None,
                         help="the services expected to finish: a count, or names "
                         "separated by commas (default: every service that reports)")
+    parser.add_argument("--start-timeout", metavar="S", type=seconds_or_zero,
+                        default=START_TIMEOUT_S,
+                        help="a request no service has started within S seconds expires "
+                        "from the queue (it never runs late) and the tool exits 3 "
+                        "(default: %(default)s; 0: wait and keep it queued forever)")
     parser.add_argument("--kill", metavar="REQUEST_ID",
                         help="send a kill for REQUEST_ID to TAG instead of a request, and "
                         "wait for the request to end")
@@ -435,7 +442,8 @@ class Session:
 def send(session: Session, request: dict[str, Any]) -> str:
     args = session.args
     try:
-        return session.client.send_request(args.tag, request, timeout=args.send_timeout)
+        return session.client.send_request(args.tag, request, timeout=args.send_timeout,
+                                           expires_s=args.start_timeout or None)
     except BrokerError as exc:
         text = str(exc)
         if "no service queue is bound" in text:
@@ -485,6 +493,9 @@ def follow(session: Session, request_id: str, out: Out) -> int:
                 status = state.outcome()
             elif deadline is not None and time.monotonic() >= deadline:
                 status = "timeout"
+            elif (not state.services and args.start_timeout
+                  and time.monotonic() - started >= args.start_timeout):
+                status = "not started"
             elif (not noticed and not state.services and not args.json
                   and time.monotonic() - started >= QUIET_NOTICE_S):
                 noticed = True
@@ -494,6 +505,11 @@ def follow(session: Session, request_id: str, out: Out) -> int:
         printer.finish()
     if args.json:
         out.line(to_json(state.as_dict(status, args.tag)))
+    if status == "not started":
+        raise CliError(f"no service started request {request_id} within "
+                       f"{args.start_timeout:g} s (is {args.tag}'s service running, and idle?); "
+                       "the request expired from its queue and will not run later",
+                       EXIT_TIMEOUT)
     if status == "timeout":
         raise CliError(f"timeout after {args.timeout:g} s: request {request_id} did not "
                        f"finish: {state.missing()}; it may still be running (stop it with: "

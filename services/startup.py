@@ -30,7 +30,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from fastcore.process import DEFAULT_IPC_DIR
 from services.broker.address import parse_broker_url
+from services.broker.journal import RunningJournal
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +206,11 @@ def serve_primary(service_name: str, handler: Any, args: argparse.Namespace, con
     (state: running / <busy> / broker unreachable). ``what`` names the work in the log."""
     from services.broker.primary import PrimaryService  # pika only for broker services
 
+    journal = RunningJournal(Path(getattr(args, "ipc_dir", None) or DEFAULT_IPC_DIR)
+                             / f"stddaq-{service_name}.running")
     service = PrimaryService(service_name, handler, broker_host=args.broker_host,
                              port=args.broker_port, tag=args.tag,
-                             refuse_when_busy=refuse_when_busy)
+                             refuse_when_busy=refuse_when_busy, journal=journal)
     heartbeat = StatusHeartbeat(service_name, config, client, lambda: dict(
         counters(), busy=busy(), broker_connected=service.connected))
     stop = threading.Event()

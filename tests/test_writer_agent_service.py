@@ -206,3 +206,22 @@ def test_redis_down_the_agent_keeps_writing(make_config, ipc_dir, tmp_path):
                 f"status.{setup.service}"), timeout=10)
         finally:
             setup.close()
+
+
+def test_a_request_the_agent_died_on_is_failed_not_run_again(agent, ipc_dir, tmp_path):
+    """kill -9 of the agent mid-request: RabbitMQ delivers the request again to the restarted
+    agent, which fails it (a request that killed a process would kill it again)."""
+    run = agent.client.start_write({"output_file": agent.out("died.h5"), "n_images": 1000})
+    agent.emit(3)
+    wait_for(lambda: run.n_written >= 3)
+    agent.agent.popen.kill()
+    agent.agent.popen.wait(10)
+    args = agent.agent.args
+    agent.agent = Proc(args, tmp_path / "agent2.log")
+    agent.agent.wait_for("ready:")
+    assert run.done.wait(20) and run.failed
+    assert run.message == (f"not run again: {agent.service} stopped while running request "
+                           f"{run.request_id} (it crashed or was killed; see its log)")
+    later = agent.client.start_write({"output_file": agent.out("later.h5"), "n_images": 2})
+    agent.emit(3)
+    assert later.done.wait(20) and not later.failed, later.message

@@ -29,6 +29,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
 from services.broker.connection import BrokerConnection
+from services.broker.journal import RunningJournal
 from services.broker.protocol import (
     ACTION_REQUEST_FAIL,
     ACTION_REQUEST_START,
@@ -98,7 +99,8 @@ class RequestService:
     def __init__(self, service_name: str, handler: Handler, broker_host: str = "127.0.0.1",
                  tag: str | None = None, *, port: int = 5672,
                  connection_name: str | None = None, min_backoff: float = 0.25,
-                 max_backoff: float = 5.0, refuse_when_busy: bool = False):
+                 max_backoff: float = 5.0, refuse_when_busy: bool = False,
+                 journal: RunningJournal | None = None):
         if not service_name:
             raise ValueError("service_name must not be empty")
         self.service_name = service_name
@@ -114,6 +116,7 @@ class RequestService:
         self._running: _Running | None = None
         self._waiting: deque[Delivery] = deque()
         self.refuse_when_busy = refuse_when_busy
+        self._journal = journal
         self._finished: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
         self._consumer_tags: list[str] = []
@@ -253,6 +256,12 @@ class RequestService:
                 self.counters["redelivered"] += 1
                 self._settle(delivery, ok=outcome == ACTION_REQUEST_SUCCESS)
                 return
+            if request_id and self._journal is not None \
+                    and self._journal.left_behind(request_id):
+                self._refuse(delivery, f"not run again: {self.service_name} stopped while "
+                             f"running request {request_id} (it crashed or was killed; see "
+                             "its log)")
+                return
             if self._running is not None:
                 if self._running.request_id == request_id:
                     log.info("%s: %s delivered again while running; not run twice",
@@ -278,6 +287,8 @@ class RequestService:
                 return
             running = _Running(request_id, delivery.body, delivery)
             self._running = running
+            if self._journal is not None:
+                self._journal.begin(request_id)
             self.counters["requests"] += 1
             running.thread = threading.Thread(
                 target=self._work, args=(running, request), daemon=True,
@@ -314,6 +325,8 @@ class RequestService:
         with self._lock:
             self._remember(running.request_id, action)
             self._running = None
+            if self._journal is not None:
+                self._journal.end()
             self.counters["success" if action == ACTION_REQUEST_SUCCESS else "fail"] += 1
             self._publish_status(running.request_id, running.body, action, message)
             if running.delivery is not None:

@@ -251,6 +251,9 @@ def test_lost_images_make_a_partial_result(setup, tmp_path):
     ({"output_file": "{root}/missing/x.h5", "n_images": 1}, "directory .* does not exist"),
     ({"output_file": "{root}/x\0.h5", "n_images": 1}, "cannot hold a NUL character"),
     ({"output_file": "{root}/sub/", "n_images": 1}, "ends with '/': expected a file path"),
+    ({"output_file": "{root}/" + "d/" * 2500 + "x.h5", "n_images": 1},
+     "output_file: .* is too long .* bytes; at most 4095, and 255 per name"),
+    ({"output_file": "{root}/" + "n" * 300 + ".h5", "n_images": 1}, "is too long"),
 ])
 def test_bad_requests_name_the_field(request_, message, make_config, tmp_path):
     path, _ = make_config("jungfrau_1m.json", output_root=str(tmp_path))

@@ -37,7 +37,7 @@ from fastcore.assembler import Assembler, ImageAssembler
 from fastcore.config import DetectorConfig, parse_config
 from fastcore.conversion import convert_reference
 from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
-from fastcore.simulator import module_pixels
+from fastcore.simulator import simulated_pixels
 
 N_MODULES = 4
 MOD_H, MOD_W = JUNGFRAU_MODULE_SHAPE
@@ -87,7 +87,7 @@ def make_sources(n_images: int) -> np.ndarray:
     sources = np.empty((n_images, N_MODULES, MODULE_BYTES), np.uint8)
     for i in range(n_images):
         for m in range(N_MODULES):
-            pixels = module_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, i, m)
+            pixels = simulated_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, i, m)
             sources[i, m] = pixels.view(np.uint8).ravel()
     return sources
 

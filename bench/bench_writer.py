@@ -26,7 +26,7 @@ from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import parse_config
 from fastcore.formats import IMAGE_METADATA, dtype_code
 from fastcore.h5_writer import MAX_BATCH, H5Writer
-from fastcore.simulator import module_pixels
+from fastcore.simulator import simulated_pixels
 from fastcore.writer_protocol import RunInfo, StartCommand
 
 SIZES = {"1MiB": (512, 1024), "4MiB": (1024, 2048)}
@@ -40,7 +40,7 @@ def fill_buffer(images: ImageBuffer, n: int) -> list[np.ndarray]:
         rows = view.shape[0] // 512
         for r in range(rows):
             for c in range(view.shape[1] // 1024):
-                view[r * 512:(r + 1) * 512, c * 1024:(c + 1) * 1024] = module_pixels(
+                view[r * 512:(r + 1) * 512, c * 1024:(c + 1) * 1024] = simulated_pixels(
                     "jungfrau", 16, (512, 1024), image_id, r * 2 + c)
         meta = np.zeros((), IMAGE_METADATA)
         meta["id"], meta["height"], meta["width"] = image_id, *images.shape

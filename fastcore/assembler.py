@@ -62,7 +62,7 @@ class ImageAssembler:
             :, : fmt.rows_per_packet * row_bytes]
         return data.reshape(-1, row_bytes)[: fmt.module_shape[0]]
 
-    def module_pixels(self, frame: np.ndarray) -> np.ndarray:
+    def decode_frame(self, frame: np.ndarray) -> np.ndarray:
         """Decoded (rows, cols) pixels of a module frame (a view where the format allows)."""
         fmt = self.fmt
         if fmt.detector_type == "gigafrost":
@@ -75,7 +75,7 @@ class ImageAssembler:
         return frame.view(f"<u{fmt.pixel_bits // 8}").reshape(fmt.module_shape)
 
     @property
-    def batches(self) -> bool:
+    def places_from_buffer(self) -> bool:
         """True when frames are placed straight from the FrameBuffer by the numba kernels
         (not Gigafrost and Eiger 4-bit, which are unpacked first)."""
         return self.fmt.detector_type != "gigafrost" and self.fmt.pixel_bits != 4
@@ -89,13 +89,13 @@ class ImageAssembler:
             return
         if not image.flags.c_contiguous:
             raise ValueError("place_module needs a C-contiguous image")
-        pixels = self.module_pixels(frame)
+        pixels = self.decode_frame(frame)
         self.place_frames(module, (pixels.reshape(1, -1), _ROW_0, 0),
                           (image.reshape(1, -1), _ROW_0, 0))
 
     def place_frames(self, module: int, frames: tuple[np.ndarray, np.ndarray, int],
                      images: tuple[np.ndarray, np.ndarray, int]) -> None:
-        """Place a batch of frames of ``module`` (only when :attr:`batches`, or decoded
+        """Place a batch of frames of ``module`` (only when :attr:`places_from_buffer`, or decoded
         pixels): ``frames`` and ``images`` are (2-D pixel rows, row of each batch member,
         first pixel column), as ``pixel_rows`` of the FrameBuffer and ImageBuffer give
         them."""
@@ -220,8 +220,8 @@ class Assembler:
             self._frame_rows = None
             held = self.frames.held_ids(ids)
         targets = [images.begin_write(int(i)) for i in ids]
-        batches = assembler.batches
-        if batches:
+        from_buffer = assembler.places_from_buffer
+        if from_buffer:
             if self._frame_rows is None:
                 self._frame_rows = self.frames.pixel_rows(assembler.fmt.pixel_dtype)
             frame_rows, frame_offset = self._frame_rows
@@ -242,7 +242,7 @@ class Assembler:
             members = np.flatnonzero(placed[:, module])
             if not len(members):
                 continue
-            if batches:
+            if from_buffer:
                 assembler.place_frames(
                     module, (frame_rows, frame_slots[members] + module, frame_offset),
                     (image_rows, image_slots[members], image_offset))

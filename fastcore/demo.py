@@ -27,7 +27,7 @@ from fastcore.formats import image_records
 from fastcore.geometry import module_blocks
 from fastcore.launch import ChildProcess
 from fastcore.process import ipc_address
-from fastcore.simulator import module_pixels
+from fastcore.simulator import simulated_pixels
 
 
 def simulated_image(config: DetectorConfig, frame: int) -> np.ndarray:
@@ -35,7 +35,7 @@ def simulated_image(config: DetectorConfig, frame: int) -> np.ndarray:
     fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
     image = np.zeros(config.image_shape, config.image_dtype)
     for module in range(config.n_modules):
-        pixels = module_pixels(config.detector_type, config.bit_depth, fmt.module_shape,
+        pixels = simulated_pixels(config.detector_type, config.bit_depth, fmt.module_shape,
                                frame, module)
         for source, dest in module_blocks(config, module):
             image[dest] = pixels[source]

@@ -15,7 +15,6 @@ from fastcore.formats import EIGER_HEADER, GIGAFROST_HEADER, JUNGFRAU_HEADER
 
 JUNGFRAU_MODULE_SHAPE = (512, 1024)
 EIGER_MODULE_SHAPE = (256, 512)  # a half module: one UDP port
-CHIP_SIZE = 256
 CHIP_GAP = 2
 GIGAFROST_MAX_PAYLOAD = 7400
 GIGAFROST_N_MODULES = 8
@@ -58,9 +57,6 @@ class ModuleFormat:
         """Pixel type on the wire (Eiger 4-bit pixels are packed two per byte)."""
         return np.dtype(f"<u{max(self.pixel_bits // 8, 1)}")
 
-    @property
-    def packet_bytes(self) -> int:
-        return self.header.itemsize + self.payload_bytes
 
     def frame_numbers(self, headers: np.ndarray) -> np.ndarray:
         """Frame number of each parsed header (vectorised)."""

@@ -1,7 +1,7 @@
 """Detector simulator: Jungfrau, Eiger and Gigafrost UDP streams with known pixel content.
 
 Module ``m`` sends to ``start_udp_port + m``. Pixel content is a documented function of
-frame, module and pixel (:func:`module_pixels`), so tests can compute every expected image.
+frame, module and pixel (:func:`simulated_pixels`), so tests can compute every expected image.
 Faults can be injected: dropped, reordered and duplicated packets, and silent modules.
 """
 
@@ -53,7 +53,7 @@ def _pattern(shape: tuple[int, int], module: int) -> tuple[np.ndarray, np.ndarra
     return base, gain_bits
 
 
-def module_pixels(detector_type: str, bit_depth: int, shape: tuple[int, int], frame: int,
+def simulated_pixels(detector_type: str, bit_depth: int, shape: tuple[int, int], frame: int,
                   module: int) -> np.ndarray:
     """Pixel values of one module frame, before any packing on the wire.
 
@@ -173,7 +173,7 @@ class DetectorSimulator:
 
     def module_frame(self, frame: int, module: int) -> tuple[np.ndarray, np.ndarray]:
         """(headers, frame bytes) of one module frame."""
-        pixels = module_pixels(self.config.detector_type, self.config.bit_depth,
+        pixels = simulated_pixels(self.config.detector_type, self.config.bit_depth,
                                self.fmt.module_shape, frame, module)
         return (packet_headers(self.config, self.fmt, frame, module),
                 encode_frame(self.fmt, pixels))

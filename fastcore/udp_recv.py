@@ -179,7 +179,7 @@ class FramePlacer:
         start = self.high + 1 if self.current is not None and self.is_open else 0
         return max(1, min(limit, self.fmt.n_packets - start))
 
-    def prepare(self, count: int) -> np.ndarray:
+    def payload_addresses(self, count: int) -> np.ndarray:
         """Addresses where the next ``count`` packets are expected (for the recvmmsg
         iovecs); :meth:`accept` books the batch received there. In the steady state (the
         last frame committed whole, the stream running, a batch of a whole frame) this is
@@ -499,7 +499,7 @@ class ModuleReceiver:
                 if committed and (len(committed) >= PUBLISH_BATCH or not readable.poll(0)):
                     send_committed()
                 count = placer.batch_size(self.batch)
-                vector.set_payload_addresses(placer.prepare(count))
+                vector.set_payload_addresses(placer.payload_addresses(count))
                 n = vector.recv(fd, count, wait_all=True)
                 if n:
                     placer.accept(headers[:n], lengths[:n], flags[:n])

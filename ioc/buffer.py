@@ -132,8 +132,11 @@ class BufferGroup(PVGroup):
 
     @detector_state.startup
     async def detector_state(self, instance, async_lib):
-        # caproto's units= reaches DBR_CTRL clients but not the record's .EGU field
-        await self.array_rate.field_inst.engineering_units.write("Hz")
+        # caproto's units= and precision= reach DBR_CTRL clients, but the record's .EGU and
+        # .PREC fields hold their own values (a monitor of .PREC would start at 0)
+        fields = self.array_rate.field_inst
+        await fields.engineering_units.write("Hz")
+        await fields.display_precision.write(self.array_rate.precision)
         self.follower.start()
 
     @detector_state.shutdown

@@ -16,7 +16,7 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from ioc.common import write_if_changed
-from services.daq_client import DaqError
+from services.daq_client import StdDaqError
 
 WRITER_STATES = ["Idle", "Starting", "Writing", "Stopping", "Done", "Error", "Disconnected"]
 DEFAULT_TEMPLATE = "%s%s_%3.3d.h5"
@@ -151,7 +151,7 @@ class WriterGroup(PVGroup):
         request = {"output_file": output_file, "n_images": int(self.num_capture.value)}
         try:
             self.run = await loop.run_in_executor(None, self.client.start_write, request)
-        except DaqError as exc:
+        except StdDaqError as exc:
             await self._publish_error(str(exc))
             self.outcome = "Error"
             raise

@@ -4,7 +4,7 @@ Write requests go to the detector's writer agent over RabbitMQ (routing key = th
 service name); their start/success/fail statuses come back on the status exchange; the
 written-images counter comes over Redis pub/sub (services.progress). Nothing connects
 until ``start()`` (or the first request); every wait has a timeout and fails with a
-``DaqError`` carrying std-daq's message.
+``StdDaqError`` carrying std-daq's message.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from services.progress import ProgressFollower
 log = logging.getLogger(__name__)
 
 
-class DaqError(RuntimeError):
+class StdDaqError(RuntimeError):
     """std-daq refused or failed a request, or could not be reached."""
 
 
@@ -158,20 +158,20 @@ class DaqClient:
             broker.close()
 
     def start_write(self, request: dict, timeout: float = 10.0) -> WriteRun:
-        """Send a write request; return once the writer agent started it. DaqError with
+        """Send a write request; return once the writer agent started it. StdDaqError with
         std-daq's message when it is refused, or when std-daq cannot be reached."""
         self.start()
         deadline = time.monotonic() + timeout
         try:
             self._broker.wait_ready(timeout)
         except TimeoutError as exc:
-            raise DaqError(f"RabbitMQ at {self.broker_host} not reachable: {exc}") from None
+            raise StdDaqError(f"RabbitMQ at {self.broker_host} not reachable: {exc}") from None
         try:
             request_id = self._broker.send_request(
                 self.writer_service, request, timeout=max(0.1, deadline - time.monotonic()),
                 expires_s=timeout)  # never started late by an agent that comes back
         except BrokerError as exc:
-            raise DaqError(str(exc)) from None
+            raise StdDaqError(str(exc)) from None
         run = WriteRun(request_id, request)
         with self._lock:
             self._runs[request_id] = run
@@ -180,12 +180,12 @@ class DaqClient:
             self._forget(run)
             with contextlib.suppress(BrokerError):  # taken at the last moment: stop it
                 self._broker.kill_request(self.writer_service, request_id, timeout=1.0)
-            raise DaqError(f"writer agent {self.writer_service} did not start request "
+            raise StdDaqError(f"writer agent {self.writer_service} did not start request "
                            f"{request_id} within {timeout:g} s (is it running and idle?); "
                            "the request was withdrawn")
         if run.failed:
             self._forget(run)
-            raise DaqError(run.message or "request failed")
+            raise StdDaqError(run.message or "request failed")
         return run
 
     def kill(self, run: WriteRun, timeout: float = 10.0) -> None:
@@ -195,9 +195,9 @@ class DaqClient:
         try:
             self._broker.kill_request(self.writer_service, run.request_id, timeout=timeout)
         except BrokerError as exc:
-            raise DaqError(str(exc)) from None
+            raise StdDaqError(str(exc)) from None
         if not run.done.wait(timeout):
-            raise DaqError(f"writer agent {self.writer_service} did not end request "
+            raise StdDaqError(f"writer agent {self.writer_service} did not end request "
                            f"{run.request_id} within {timeout:g} s after the kill")
 
     def _forget(self, run: WriteRun) -> None:

@@ -32,7 +32,7 @@ import redis
 from services.epics_common import (
     PULSE_ID_STREAM_MAXLEN,
     PV_STREAM_MAXLEN,
-    ConfigError,
+    EpicsConfigError,
     StreamKeys,
     connected_record,
     disconnected_record,
@@ -65,24 +65,24 @@ class BufferConfig:
     @classmethod
     def from_dict(cls, config: Any) -> BufferConfig:
         if not isinstance(config, dict):
-            raise ConfigError("config: expected a JSON object")
+            raise EpicsConfigError("config: expected a JSON object")
         pv_list = config.get("pv_list")
         if pv_list is None:
-            raise ConfigError("pv_list: missing (expected a non-empty list of PV names); "
+            raise EpicsConfigError("pv_list: missing (expected a non-empty list of PV names); "
                               "a buffer without PVs records nothing")
         if (not isinstance(pv_list, list) or not pv_list
                 or not all(_is_pv_name(name) for name in pv_list)):
-            raise ConfigError(f"pv_list: expected a non-empty list of PV names (non-empty "
+            raise EpicsConfigError(f"pv_list: expected a non-empty list of PV names (non-empty "
                               f"strings without spaces), got {pv_list!r}")
         duplicates = sorted({name for name in pv_list if pv_list.count(name) > 1})
         if duplicates:
-            raise ConfigError(f"pv_list: duplicate PV names {duplicates}")
+            raise EpicsConfigError(f"pv_list: duplicate PV names {duplicates}")
         pulse_id_pv = config.get("pulse_id_pv")
         if pulse_id_pv is not None and not _is_pv_name(pulse_id_pv):
-            raise ConfigError(f"pulse_id_pv: expected a PV name, got {pulse_id_pv!r}")
+            raise EpicsConfigError(f"pulse_id_pv: expected a PV name, got {pulse_id_pv!r}")
         archiver = config.get("use_archiver_precision", False)
         if not isinstance(archiver, bool):
-            raise ConfigError(f"use_archiver_precision: expected true or false, "
+            raise EpicsConfigError(f"use_archiver_precision: expected true or false, "
                               f"got {archiver!r}")
         return cls(pv_list=tuple(pv_list), pulse_id_pv=pulse_id_pv or None,
                    use_archiver_precision=archiver,
@@ -101,7 +101,7 @@ def _is_pv_name(name: Any) -> bool:
 def _positive_int(config: dict, name: str, default: int) -> int:
     value = config.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+        raise EpicsConfigError(f"{name}: expected an integer >= 1, got {value!r}")
     return value
 
 
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         service_name, config, args = service_setup(parser, argv)
         settings = BufferConfig.from_dict(config)
-    except (SetupError, ConfigError) as exc:
+    except (SetupError, EpicsConfigError) as exc:
         print(f"stddaq-epics-buffer: {exc}", file=sys.stderr)
         return 1
     client = redis_client(args.redis_host, args.redis_port)

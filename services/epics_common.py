@@ -39,7 +39,7 @@ NATIVE_TYPE_CODES = {1: "i2", 2: "f4", 3: "u2", 4: "u1", 5: "i4", 6: "f8"}
 SCALAR_SHAPE = struct.pack("<I", 1)
 
 
-class ConfigError(ValueError):
+class EpicsConfigError(ValueError):
     """A bad service config entry; the message names it."""
 
 
@@ -64,7 +64,7 @@ class StreamKeys:
 def stream_prefix(config: dict) -> str:
     prefix = config.get("stream_prefix", "")
     if not isinstance(prefix, str):
-        raise ConfigError(f"stream_prefix: expected a string, got {prefix!r}")
+        raise EpicsConfigError(f"stream_prefix: expected a string, got {prefix!r}")
     return prefix
 
 

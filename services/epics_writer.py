@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 import redis
 
-from services.epics_common import STRING_TYPE, ConfigError, Point, StreamKeys, stream_prefix
+from services.epics_common import STRING_TYPE, EpicsConfigError, Point, StreamKeys, stream_prefix
 from services.requests import RequestError, output_path
 from services.startup import SetupError, redis_client, serve_primary, service_setup
 
@@ -207,11 +207,11 @@ class EpicsWriter:
         output_root = config.get("output_root")
         if output_root is not None and (not isinstance(output_root, str)
                                         or not os.path.isabs(output_root)):
-            raise ConfigError(f"output_root: expected an absolute directory, got "
+            raise EpicsConfigError(f"output_root: expected an absolute directory, got "
                               f"{output_root!r}")
         distance = config.get("max_pulse_distance", MAX_PULSE_DISTANCE)
         if isinstance(distance, bool) or not isinstance(distance, int) or distance < 0:
-            raise ConfigError(f"max_pulse_distance: expected an integer >= 0, got "
+            raise EpicsConfigError(f"max_pulse_distance: expected an integer >= 0, got "
                               f"{distance!r}")
         self.client = client
         self.service_name = service_name
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         service_name, config, args = service_setup(parser, argv)
         client = redis_client(args.redis_host, args.redis_port)
         writer = EpicsWriter(client, service_name, config)
-    except (SetupError, ConfigError) as exc:
+    except (SetupError, EpicsConfigError) as exc:
         print(f"stddaq-epics-writer: {exc}", file=sys.stderr)
         return 1
     return serve_primary(service_name, writer, args, config,

@@ -33,14 +33,10 @@ from ophyd import Device, Kind, Signal
 from ophyd.status import Status
 
 from fastcore.config import DetectorConfig, load_config, parse_config
-from services.daq_client import DaqClient, DaqError, WriteRun
+from services.daq_client import DaqClient, StdDaqError, WriteRun
 from services.startup import redis_client
 
 log = logging.getLogger(__name__)
-
-class StdDaqError(RuntimeError):
-    """std-daq refused or failed a request; the message is std-daq's."""
-
 
 class StdDaqDetector(Device):
     """A std-daq detector (e.g. a Jungfrau) whose images std-daq writes to HDF5."""
@@ -122,7 +118,7 @@ class StdDaqDetector(Device):
                    "n_images": n_images, "metadata": {"device": self.name}}
         try:
             run = self.client.start_write(request, timeout=self.stage_timeout)
-        except DaqError as exc:
+        except StdDaqError as exc:
             raise StdDaqError(f"{self.name}: std-daq did not start writing: {exc}") from None
         self._run = run
         self._index = 0
@@ -139,7 +135,7 @@ class StdDaqDetector(Device):
         if not run.done.is_set():
             try:
                 self.client.kill(run, timeout=self.unstage_timeout)
-            except DaqError as exc:
+            except StdDaqError as exc:
                 raise StdDaqError(f"{self.name}: stopping the write failed: {exc}") from None
         result = run.result or {}
         if result.get("n_missing") or result.get("n_flagged") or result.get("n_absent"):

@@ -16,7 +16,7 @@ from fastcore.conversion import convert_reference
 from fastcore.detectors import module_format
 from fastcore.formats import image_records
 from fastcore.process import ipc_address
-from fastcore.simulator import module_pixels
+from fastcore.simulator import simulated_pixels
 from tests.conftest import Proc, module_cmd
 
 
@@ -125,7 +125,7 @@ def expected_image(raw: dict, frame: int, dtype, calibration: tuple | None = Non
     for module in range(raw["n_modules"]):
         if module in missing_modules:
             continue
-        pixels = module_pixels(raw["detector_type"], raw["bit_depth"], fmt.module_shape, frame,
+        pixels = simulated_pixels(raw["detector_type"], raw["bit_depth"], fmt.module_shape, frame,
                                module).copy()
         for packet in (zero_packets or {}).get(module, []):
             flat = pixels.reshape(-1)

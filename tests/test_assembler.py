@@ -13,7 +13,7 @@ from fastcore.config import load_config
 from fastcore.conversion import convert_reference
 from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
 from fastcore.formats import INVALID_ID, RAW_METADATA, ImageStatus
-from fastcore.simulator import module_pixels
+from fastcore.simulator import simulated_pixels
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def assembler_on_buffers(config, ipc_dir):
 def store_frames(frames, config, image_id: int) -> None:
     """What the receivers do: every module's frame (simulator content) and its record."""
     for module in range(config.n_modules):
-        pixels = module_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, image_id, module)
+        pixels = simulated_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, image_id, module)
         frames.frame(image_id, module)[:] = pixels.view(np.uint8).ravel()
         record = frames._meta[frames.slot(image_id), module]
         record["id"], record["n_recv_packets"] = image_id, 128
@@ -91,7 +91,7 @@ def test_a_batch_equals_images_assembled_one_by_one(make_config, tmp_path, calib
             np.testing.assert_array_equal(images.image(image_id), expected)
         if converts:  # and the one-by-one path agrees with the numpy reference
             source, dest = single.blocks[0][0]
-            raw = module_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, 44, 0)
+            raw = simulated_pixels("jungfrau", 16, JUNGFRAU_MODULE_SHAPE, 44, 0)
             np.testing.assert_array_equal(
                 images.image(44)[dest],
                 convert_reference(raw, pedestal[:, :512], gain[:, :512])[source])

@@ -24,7 +24,7 @@ from redis.retry import Retry
 from services import epics_buffer
 from services.epics_buffer import BufferConfig, StreamSink
 from services.epics_common import (
-    ConfigError,
+    EpicsConfigError,
     Point,
     StreamKeys,
     connected_record,
@@ -114,7 +114,7 @@ def test_record_encoding_matches_the_original_layout():
     ({"pv_list": ["A"], "use_archiver_precision": "yes"}, "use_archiver_precision"),
 ])
 def test_buffer_config_errors_name_the_field(config, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(EpicsConfigError, match=message):
         BufferConfig.from_dict(config)
 
 

@@ -16,7 +16,7 @@ from fastcore.assembler import ImageAssembler
 from fastcore.config import parse_config
 from fastcore.detectors import module_format
 from fastcore.geometry import module_blocks
-from fastcore.simulator import encode_frame, module_pixels
+from fastcore.simulator import encode_frame, simulated_pixels
 from fastcore.udp_recv import module_origin
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -230,7 +230,7 @@ def test_assembler_places_encoded_frames(name, config):
     assembler, equal the plain construction from the simulator's pixels."""
     fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
     frame = 5
-    modules = [module_pixels(config.detector_type, config.bit_depth, fmt.module_shape, frame, m)
+    modules = [simulated_pixels(config.detector_type, config.bit_depth, fmt.module_shape, frame, m)
                for m in range(config.n_modules)]
     assembler = ImageAssembler(config)
     image = np.full(config.image_shape, 0xAB, config.image_dtype)

@@ -139,7 +139,7 @@ class Link:
 
     def _receive_batch(self, packets: list) -> None:
         placer, fmt = self.placer, self.fmt
-        addresses = placer.prepare(self.batch)
+        addresses = placer.payload_addresses(self.batch)
         segment = self.buffer.segment.array
         n = len(packets)
         headers = np.zeros(n, fmt.header)

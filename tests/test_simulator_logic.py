@@ -14,10 +14,10 @@ from fastcore.simulator import (
     Faults,
     daq_rec_of,
     encode_frame,
-    module_pixels,
     packet_headers,
     packet_order,
     pulse_id_of,
+    simulated_pixels,
 )
 
 
@@ -81,7 +81,7 @@ def test_reorder_keeps_the_multiset(duplicate_fraction):
     assert 9 not in reordered
 
 
-# --- module_pixels -----------------------------------------------------------------------
+# --- simulated_pixels -----------------------------------------------------------------------
 
 FRAMES = [0, 1, 13, 2**32 + 3]
 MODULES = [0, 5]
@@ -97,7 +97,7 @@ def direct_base(shape, frame, module) -> np.ndarray:
 @pytest.mark.parametrize("module", MODULES)
 def test_jungfrau_pixels_formula(frame, module):
     shape = (512, 1024)
-    pixels = module_pixels("jungfrau", 16, shape, frame, module)
+    pixels = simulated_pixels("jungfrau", 16, shape, frame, module)
     rows, cols = np.indices(shape)
     block = rows // 32 + cols // 32
     gain = GAIN_CODES[(block + frame + module) % 8]
@@ -114,7 +114,7 @@ def test_jungfrau_pixels_formula(frame, module):
 )
 def test_eiger_pixels_formula(frame, module, bit_depth, dtype):
     shape = (256, 512)
-    pixels = module_pixels("eiger", bit_depth, shape, frame, module)
+    pixels = simulated_pixels("eiger", bit_depth, shape, frame, module)
     expected = direct_base(shape, frame, module) % 2**bit_depth
     assert pixels.dtype == dtype and pixels.shape == shape
     np.testing.assert_array_equal(pixels, expected)
@@ -124,15 +124,15 @@ def test_eiger_pixels_formula(frame, module, bit_depth, dtype):
 @pytest.mark.parametrize("module", MODULES)
 def test_gigafrost_pixels_formula(frame, module):
     shape = (504, 1008)
-    pixels = module_pixels("gigafrost", 12, shape, frame, module)
+    pixels = simulated_pixels("gigafrost", 12, shape, frame, module)
     assert pixels.dtype == np.uint16 and pixels.shape == shape
     np.testing.assert_array_equal(pixels, direct_base(shape, frame, module) % 4096)
 
 
 def test_pixels_differ_between_frames_and_modules():
-    a = module_pixels("jungfrau", 16, (512, 1024), 1, 0)
-    assert not np.array_equal(a, module_pixels("jungfrau", 16, (512, 1024), 2, 0))
-    assert not np.array_equal(a, module_pixels("jungfrau", 16, (512, 1024), 1, 1))
+    a = simulated_pixels("jungfrau", 16, (512, 1024), 1, 0)
+    assert not np.array_equal(a, simulated_pixels("jungfrau", 16, (512, 1024), 2, 0))
+    assert not np.array_equal(a, simulated_pixels("jungfrau", 16, (512, 1024), 1, 1))
 
 
 # --- encode_frame and the assembler's decoding -------------------------------------------
@@ -174,11 +174,11 @@ def test_encode_then_decode_round_trip(det_type, bit_depth, height, width):
     fmt = module_format(det_type, bit_depth, config.image_shape)
     assembler = ImageAssembler(config)
     for frame, module in [(1, 0), (2**32 + 7, 1)]:
-        pixels = module_pixels(det_type, bit_depth, fmt.module_shape, frame, module)
+        pixels = simulated_pixels(det_type, bit_depth, fmt.module_shape, frame, module)
         encoded = encode_frame(fmt, pixels)
         assert encoded.dtype == np.uint8
         assert encoded.nbytes == fmt.frame_bytes == fmt.n_packets * fmt.payload_bytes
-        decoded = assembler.module_pixels(encoded)
+        decoded = assembler.decode_frame(encoded)
         assert decoded.shape == fmt.module_shape
         np.testing.assert_array_equal(decoded, pixels)
 
@@ -186,7 +186,7 @@ def test_encode_then_decode_round_trip(det_type, bit_depth, height, width):
 def test_jungfrau_encoding_is_row_major_little_endian():
     """Packet p holds bytes [p*8192, (p+1)*8192) of the row-major uint16 frame."""
     fmt = module_format("jungfrau", 16, (512, 1024))
-    pixels = module_pixels("jungfrau", 16, fmt.module_shape, 3, 1)
+    pixels = simulated_pixels("jungfrau", 16, fmt.module_shape, 3, 1)
     encoded = encode_frame(fmt, pixels)
     value = int(pixels[4, 10])
     offset = 2 * (4 * 1024 + 10)
@@ -197,7 +197,7 @@ def test_jungfrau_encoding_is_row_major_little_endian():
 
 def test_eiger4_encoding_low_nibble_first():
     fmt = module_format("eiger", 4, (256, 1030))
-    pixels = module_pixels("eiger", 4, fmt.module_shape, 1, 0)
+    pixels = simulated_pixels("eiger", 4, fmt.module_shape, 1, 0)
     encoded = encode_frame(fmt, pixels)
     assert encoded.nbytes == 256 * 512 // 2
     assert encoded[0] == pixels[0, 0] | pixels[0, 1] << 4
@@ -206,7 +206,7 @@ def test_eiger4_encoding_low_nibble_first():
 def test_gigafrost_encoding_packets_hold_whole_rows():
     config = make_config("gigafrost", 12, 2012, 2016)
     fmt = module_format("gigafrost", 12, config.image_shape)
-    pixels = module_pixels("gigafrost", 12, fmt.module_shape, 1, 0)
+    pixels = simulated_pixels("gigafrost", 12, fmt.module_shape, 1, 0)
     frame = encode_frame(fmt, pixels).reshape(fmt.n_packets, fmt.payload_bytes)
     row_bytes = fmt.module_shape[1] * 3 // 2
     p = 2  # the first row of packet 2 starts its payload

@@ -17,7 +17,7 @@ import redis
 
 from fastcore.config import load_config
 from services.broker.protocol import request_queue_name
-from services.daq_client import DaqClient, DaqError
+from services.daq_client import DaqClient, StdDaqError
 from tests.conftest import Proc, module_cmd
 from tests.netproxy import TcpProxy
 from tests.test_broker import close_connection, declare_like_the_original
@@ -125,7 +125,7 @@ def test_kill_mid_run_gives_a_valid_partial_file(agent):
 
 def test_second_request_while_busy_is_refused(agent):
     run = agent.client.start_write({"output_file": agent.out("b1.h5"), "n_images": 3})
-    with pytest.raises(DaqError, match=rf"busy: {agent.service} is running request "
+    with pytest.raises(StdDaqError, match=rf"busy: {agent.service} is running request "
                                        rf"{run.request_id}"):
         agent.client.start_write({"output_file": agent.out("b2.h5"), "n_images": 1})
     agent.emit(3)
@@ -141,7 +141,7 @@ def test_malformed_requests_fail_naming_the_field(agent, request_, message):
     if "output_file" in request_:
         request_ = dict(request_, output_file=request_["output_file"].format(
             out=agent.out_dir))
-    with pytest.raises(DaqError, match=message):
+    with pytest.raises(StdDaqError, match=message):
         agent.client.start_write(request_)
     run = agent.client.start_write({"output_file": agent.out("after.h5"), "n_images": 1})
     agent.emit(1)

@@ -175,11 +175,6 @@ class RequestService:
         return self._conn.connected
 
     @property
-    def current_request_id(self) -> str | None:
-        running = self._running
-        return running.request_id if running is not None else None
-
-    @property
     def last_error(self) -> str | None:
         """The last connection error, None while connected."""
         return self._conn.last_error

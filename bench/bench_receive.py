@@ -57,6 +57,7 @@ from fastcore.buffers import SHM_DIR_ENV, FrameBuffer, shm_dir, shm_name
 from fastcore.config import DetectorConfig, parse_config
 from fastcore.detectors import NOMINAL_RATE_HZ, module_format
 from fastcore.formats import JUNGFRAU_HEADER, MODULE_FRAME
+from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.udp import DEFAULT_RCVBUF, SO_RCVBUFFORCE, MessageVector, open_receive_socket
 from fastcore.udp_recv import ModuleReceiver
@@ -443,7 +444,7 @@ class Bench:
             "n_frame_slots": args.frame_slots,
             "module_positions": {"0": [0, 0, 1023, 511]},
         }, source="bench")
-        self.frames_address = ipc_address(self.ipc_dir, self.name, "frames")
+        self.frames_address = ipc_address(self.ipc_dir, self.name, Stream.FRAMES)
         self.buffer: FrameBuffer | None = None
         self.procs: dict[str, multiprocessing.Process] = {}
         self.conns: dict[str, Connection] = {}
@@ -455,8 +456,8 @@ class Bench:
     # set-up and tear-down
 
     def start(self) -> None:
-        self.buffer = FrameBuffer.create(shm_name(self.name, "frames"), self.config.n_frame_slots,
-                                         1, FRAME_BYTES)
+        self.buffer = FrameBuffer.create(shm_name(self.name, Segment.FRAMES),
+                                         self.config.n_frame_slots, 1, FRAME_BYTES)
         pages = self.buffer.segment.array[::4096]
         pages[:] = pages.copy()  # allocate every page of the segment now
         ctx = multiprocessing.get_context("fork")

@@ -26,6 +26,7 @@ from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import parse_config
 from fastcore.formats import IMAGE_METADATA, dtype_code
 from fastcore.h5_writer import MAX_BATCH, H5Writer
+from fastcore.names import Segment
 from fastcore.simulator import simulated_pixels
 from fastcore.writer_protocol import RunInfo, StartCommand
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bit_depth": 16, "image_pixel_height": shape[0],
                 "image_pixel_width": shape[1], "start_udp_port": 50000, "writer_user_id": 0,
                 "module_positions": {"0": [0, 0, 1023, 511]}})
-            with ImageBuffer.create(shm_name(name, "image"), n, shape, np.uint16) as images:
+            with ImageBuffer.create(shm_name(name, Segment.IMAGE), n, shape, np.uint16) as images:
                 metas = fill_buffer(images, n)
                 times: dict[str, list[float]] = {"plain": [], "raw": [], "bslz4": []}
                 compressed_size = 0

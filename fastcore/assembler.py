@@ -31,6 +31,7 @@ from fastcore.formats import (
 )
 from fastcore.geometry import module_blocks, row_plan
 from fastcore.kernels import convert_rows, place_rows
+from fastcore.names import Segment, Stream
 from fastcore.pixels import unpack_4bit, unpack_12bit
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
@@ -141,8 +142,8 @@ class Assembler:
 
     def __init__(self, config: DetectorConfig, ipc_dir: str):
         self.config = config
-        self.raw_address = ipc_address(ipc_dir, config.detector_name, "raw")
-        self.image_address = ipc_address(ipc_dir, config.detector_name, "image")
+        self.raw_address = ipc_address(ipc_dir, config.detector_name, Stream.RAW)
+        self.image_address = ipc_address(ipc_dir, config.detector_name, Stream.IMAGE)
         calibration = load_calibration(config) if config.converts else None
         self.assembler = ImageAssembler(config, calibration)
         self.max_batch = max(1, min(self.MAX_BATCH, config.n_frame_slots // 2,
@@ -176,7 +177,9 @@ class Assembler:
                         batch.append(pull.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                committed = self.assemble(np.frombuffer(b"".join(batch), RAW_METADATA))
+                raws = np.frombuffer(b"".join(batch), RAW_METADATA)  # sync batches too
+                committed = [record for start in range(0, len(raws), self.max_batch)
+                             for record in self.assemble(raws[start:start + self.max_batch])]
                 if committed:  # one message per batch: consumers take several records
                     pub.send(b"".join(committed))
                 if time.monotonic() - last_log > 5:
@@ -191,8 +194,8 @@ class Assembler:
     def open_buffers(self) -> None:
         """Attach the FrameBuffer and create the ImageBuffer."""
         config = self.config
-        self.frames = FrameBuffer.attach(shm_name(config.detector_name, "frames"))
-        self.image_buffer = ImageBuffer.create(shm_name(config.detector_name, "image"),
+        self.frames = FrameBuffer.attach(shm_name(config.detector_name, Segment.FRAMES))
+        self.image_buffer = ImageBuffer.create(shm_name(config.detector_name, Segment.IMAGE),
                                                config.n_image_slots, config.image_shape,
                                                config.image_dtype)
         self._frame_rows: tuple[np.ndarray, int] | None = None  # FrameBuffer.pixel_rows

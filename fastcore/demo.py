@@ -26,6 +26,7 @@ from fastcore.detectors import module_format
 from fastcore.formats import image_records
 from fastcore.geometry import module_blocks
 from fastcore.launch import ChildProcess
+from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import simulated_pixels
 
@@ -76,8 +77,8 @@ class Demo:
         self.start("fastcore.assembler", "--ipc-dir", ipc)
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(ipc_address(ipc, config.detector_name, "image"))
-        images = ImageBuffer.attach(shm_name(config.detector_name, "image"))
+        sub.connect(ipc_address(ipc, config.detector_name, Stream.IMAGE))
+        images = ImageBuffer.attach(shm_name(config.detector_name, Segment.IMAGE))
         time.sleep(0.3)
         simulator = self.start("fastcore.simulator", "-n", str(self.frames), "-r",
                                str(self.rate), "--host", "127.0.0.1", ready=None)

@@ -38,6 +38,7 @@ from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus, image_records
 from fastcore.h5_recovery import RecoveryError, recover_file
+from fastcore.names import Segment, Stream
 from fastcore.output_file import OutputPathError, create_exclusive, fd_path
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
 from fastcore.writer_protocol import (
@@ -419,7 +420,7 @@ class H5Writer:
         """The ImageBuffer, attached once and kept (a fresh mapping would page-fault through
         its first pass); re-attached when the assembler recreated it."""
         if self.images is None:
-            self.images = ImageBuffer.attach(shm_name(self.config.detector_name, "image"))
+            self.images = ImageBuffer.attach(shm_name(self.config.detector_name, Segment.IMAGE))
         else:
             self.images = self.images.refreshed()
         return self.images
@@ -563,10 +564,10 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     name = config.detector_name
     ctx = zmq.Context.instance()
     commands = ctx.socket(zmq.PULL)
-    commands.bind(ipc_address(ipc_dir, name, "writer"))
+    commands.bind(ipc_address(ipc_dir, name, Stream.WRITER))
     status = ctx.socket(zmq.PUB)
-    status.bind(ipc_address(ipc_dir, name, "writer-status"))
-    images = subscribe(ctx, ipc_address(ipc_dir, name, "image"))
+    status.bind(ipc_address(ipc_dir, name, Stream.WRITER_STATUS))
+    images = subscribe(ctx, ipc_address(ipc_dir, name, Stream.IMAGE))
     journal = os.path.join(ipc_dir, f"stddaq-{name}-writer.open")
     writer = H5Writer(config, lambda event: status.send_json(event), compression, journal)
     writer.recover()

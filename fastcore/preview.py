@@ -20,6 +20,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, SlotOverwrittenError, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import image_records
+from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,11 @@ def serve(config: DetectorConfig, ipc_dir: str, address: str, rate_hz: float,
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.CONFLATE, 1)  # keep only the newest ImageMetadata
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(ipc_address(ipc_dir, config.detector_name, "image"))
+    sub.connect(ipc_address(ipc_dir, config.detector_name, Stream.IMAGE))
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 4)
     pub.bind(address)
-    images = ImageBuffer.attach(shm_name(config.detector_name, "image"))
+    images = ImageBuffer.attach(shm_name(config.detector_name, Segment.IMAGE))
     out = np.empty(images.shape, images.dtype)
     period, next_send, sent = 1.0 / rate_hz, time.monotonic(), 0
     pending = None  # newest ImageMetadata not yet previewed

@@ -19,6 +19,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import IMAGE_METADATA, code_dtype
+from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ def receive(config: DetectorConfig, ipc_dir: str, address: str,
     pull.bind(address)
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 100_000)
-    pub.bind(ipc_address(ipc_dir, config.detector_name, "image"))
-    images = ImageBuffer.create(shm_name(config.detector_name, "image"),
+    pub.bind(ipc_address(ipc_dir, config.detector_name, Stream.IMAGE))
+    images = ImageBuffer.create(shm_name(config.detector_name, Segment.IMAGE),
                                 config.n_image_slots, config.image_shape, config.image_dtype)
     expected_bytes = images.data_bytes
     stats, last_log = RecvStats(), time.monotonic()

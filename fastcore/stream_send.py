@@ -19,6 +19,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import image_records
+from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,12 @@ def send(config: DetectorConfig, ipc_dir: str, address: str, stop: threading.Eve
          queue_images: int = 8) -> SendStats:
     """Follow the local images and push them to ``address`` (a stream_recv)."""
     ctx = zmq.Context.instance()
-    sub = subscribe(ctx, ipc_address(ipc_dir, config.detector_name, "image"))
+    sub = subscribe(ctx, ipc_address(ipc_dir, config.detector_name, Stream.IMAGE))
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, queue_images)  # libzmq counts a multipart message once
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(address)
-    images = ImageBuffer.attach(shm_name(config.detector_name, "image"))
+    images = ImageBuffer.attach(shm_name(config.detector_name, Segment.IMAGE))
     stats, last_log = SendStats(), time.monotonic()
     log.info("ready: sending %s images to %s", config.detector_name, address)
     try:

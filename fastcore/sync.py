@@ -24,6 +24,7 @@ import zmq
 from fastcore.config import DetectorConfig
 from fastcore.detectors import module_format
 from fastcore.formats import MODULE_FRAME, RAW_METADATA, ImageStatus
+from fastcore.names import Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,9 @@ class FrameSynchronizer:
         return raw
 
 
+MAX_MESSAGES_PER_TURN = 64  # receiver messages taken per loop turn when they queue up
+
+
 def run(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
         timeout_s: float = 0.5) -> SyncStats:
     fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
@@ -183,23 +187,29 @@ def run(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
                              max_pending=max(2, min(50, config.n_frame_slots // 2)))
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
-    pull.bind(ipc_address(ipc_dir, config.detector_name, "frames"))
+    pull.bind(ipc_address(ipc_dir, config.detector_name, Stream.FRAMES))
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 0)
     push.setsockopt(zmq.LINGER, 2000)
-    push.connect(ipc_address(ipc_dir, config.detector_name, "raw"))
+    push.connect(ipc_address(ipc_dir, config.detector_name, Stream.RAW))
     log.info("ready: syncing %d modules of %s", config.n_modules, config.detector_name)
     last_log = time.monotonic()
     try:
         while not stop.is_set():
             if pull.poll(int(timeout_s * 200)):
                 now = time.monotonic()  # a message holds one or more ModuleFrames
-                out = [raw for record in np.frombuffer(pull.recv(), MODULE_FRAME)
-                       for raw in sync.add(record, now)]
+                out = []
+                for _ in range(MAX_MESSAGES_PER_TURN):  # what is queued, in one turn
+                    try:
+                        message = pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    out += [raw for record in np.frombuffer(message, MODULE_FRAME)
+                            for raw in sync.add(record, now)]
             else:
                 out = sync.ready(time.monotonic())
-            for raw in out:
-                push.send(raw.tobytes())
+            if out:  # one message for the frames completed in this turn
+                push.send(b"".join(raw.tobytes() for raw in out))
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 log.info("%s", sync.stats)

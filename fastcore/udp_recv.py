@@ -37,6 +37,7 @@ from fastcore.buffers import FrameBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.detectors import ModuleFormat, gigafrost_quadrant, module_format
 from fastcore.formats import INVALID_ID
+from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
 from fastcore.udp import MSG_TRUNC, MessageVector, open_receive_socket
 
@@ -465,7 +466,7 @@ class ModuleReceiver:
         """Receive until :attr:`stop_event` is set; returns the counters."""
         config, fmt = self.config, self.fmt
         sock = sock or self.open_socket()
-        buffer = FrameBuffer.attach(shm_name(config.detector_name, "frames"), writable=True)
+        buffer = FrameBuffer.attach(shm_name(config.detector_name, Segment.FRAMES), writable=True)
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)
         push.setsockopt(zmq.LINGER, 2000)
@@ -531,10 +532,10 @@ def serve(config: DetectorConfig, modules: list[int], stop: threading.Event,
           ipc_dir: str) -> None:
     """Create the FrameBuffer, bind every module's port, run one process per module."""
     fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
-    address = ipc_address(ipc_dir, config.detector_name, "frames")
+    address = ipc_address(ipc_dir, config.detector_name, Stream.FRAMES)
     receivers = [ModuleReceiver(config, m, address) for m in modules]
     sockets = [r.open_socket() for r in receivers]  # an occupied port fails here, clearly
-    buffer = FrameBuffer.create(shm_name(config.detector_name, "frames"),
+    buffer = FrameBuffer.create(shm_name(config.detector_name, Segment.FRAMES),
                                 config.n_frame_slots, config.n_modules, fmt.frame_bytes)
     ctx = multiprocessing.get_context("fork")
     children = [ctx.Process(target=_run_module, args=(r, s), name=f"udp-recv-{r.module_id}",

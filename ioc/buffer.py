@@ -16,6 +16,7 @@ from caproto.server import PVGroup, pvproperty
 
 from fastcore.buffers import segment_alive, shm_name
 from fastcore.formats import code_dtype, image_records
+from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address, subscribe
 from ioc.common import write_if_changed
 
@@ -44,7 +45,7 @@ class ImageFollower:
 
     def __init__(self, detector_name: str, ipc_dir: str):
         self.detector_name = detector_name
-        self.address = ipc_address(ipc_dir, detector_name, "image")
+        self.address = ipc_address(ipc_dir, detector_name, Stream.IMAGE)
         self.stats = BufferStats()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="image-follower", daemon=True)
@@ -67,7 +68,7 @@ class ImageFollower:
                 now = time.monotonic()
                 if now >= next_check:  # the producer is there (or not), 2 x per second
                     next_check = now + 0.5
-                    alive = segment_alive(shm_name(self.detector_name, "image"))
+                    alive = segment_alive(shm_name(self.detector_name, Segment.IMAGE))
                     stats = replace(stats, connected=alive)
                 if sub.poll(100):
                     for meta in image_records(sub.recv()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from ioc.common import write_if_changed
+from services.status import ServiceStatus, status_key
 
 EPB_STATES = ["Disconnected", "Running", "Error"]
 
@@ -45,24 +45,20 @@ class HeartbeatReader:
 
     def read_once(self) -> EpicsBufferStatus:
         try:
-            raw = self.client.hgetall(f"status.{self.service_name}")
+            key = status_key(self.service_name)
+            raw = self.client.hgetall(key)
         except redis.RedisError as exc:
             return EpicsBufferStatus(message=f"Redis unreachable: {exc}")
         if not raw:
             return EpicsBufferStatus(message=f"service {self.service_name} is not running "
                                      "(no heartbeat in Redis)")
-        fields = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
-        try:
-            config = json.loads(fields.get("config") or "{}")
-            counters = json.loads(fields.get("counters") or "{}")
-        except ValueError:
-            config, counters = {}, {}
-        error = fields.get("last_error", "")
-        channels = tuple(str(pv) for pv in config.get("pv_list", []))
+        status = ServiceStatus.from_fields(key, raw)
+        channels = tuple(str(pv) for pv in status.config.get("pv_list", []))
         return EpicsBufferStatus(
-            state="Error" if error else "Running", channels=channels,
-            events=int(counters.get("events", 0)),
-            message=error or f"{fields.get('state', 'running')}: {len(channels)} channels")
+            state="Error" if status.last_error else "Running", channels=channels,
+            events=int(status.counters.get("events", 0)),
+            message=status.last_error or f"{status.state or 'running'}: {len(channels)} "
+                    "channels")
 
     def _run(self) -> None:
         while not self._stop.is_set():

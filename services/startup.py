@@ -33,6 +33,7 @@ from redis.retry import Retry
 from fastcore.process import DEFAULT_IPC_DIR
 from services.broker.address import parse_broker_url
 from services.broker.journal import RunningJournal
+from services.status import ServiceStatus, status_key
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class StatusHeartbeat:
     def __init__(self, service_name: str, config: dict, client: redis.Redis | None,
                  counters: Callable[[], dict[str, Any]] | None = None):
         self.service_name = service_name
-        self.key = f"status.{service_name}"
+        self.key = status_key(service_name)
         self.client = client
         self.counters = counters or dict
         self.config_json = json.dumps(config)
@@ -156,15 +157,10 @@ class StatusHeartbeat:
         self.last_error = message
 
     def fields(self) -> dict[str, Any]:
-        return {
-            "config": self.config_json,
-            "service_name": self.service_name,
-            "start_timestamp": self.start_timestamp,
-            "state": self.state,
-            "heartbeat": time.time(),
-            "counters": json.dumps(self.counters()),
-            "last_error": self.last_error,
-        }
+        return ServiceStatus(self.service_name, start_timestamp=self.start_timestamp,
+                             state=self.state, heartbeat=time.time(),
+                             counters=self.counters(), last_error=self.last_error,
+                             ).to_fields(self.config_json)
 
     def beat(self) -> bool:
         """Write the status once; False (logged on the first failure) if Redis is down."""

@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from fastcore.config import ConfigError, DetectorConfig, parse_config
+from fastcore.names import Stream
 from fastcore.process import DEFAULT_IPC_DIR, ipc_address, subscribe
 from fastcore.writer_protocol import (
     COMPRESSIONS,
@@ -137,12 +138,12 @@ class WriterLink:
 
     def __init__(self, ipc_dir: str, detector_name: str):
         ctx = zmq.Context.instance()
-        self.address = ipc_address(ipc_dir, detector_name, "writer")
+        self.address = ipc_address(ipc_dir, detector_name, Stream.WRITER)
         self.commands = ctx.socket(zmq.PUSH)
         self.commands.setsockopt(zmq.IMMEDIATE, 1)  # never queue for an absent writer
         self.commands.setsockopt(zmq.LINGER, 0)
         self.commands.connect(self.address)
-        self.events = subscribe(ctx, ipc_address(ipc_dir, detector_name, "writer-status"))
+        self.events = subscribe(ctx, ipc_address(ipc_dir, detector_name, Stream.WRITER_STATUS))
 
     def send(self, message: bytes, timeout_s: float = 1.0) -> None:
         """Send a command; WriterError when no writer is connected within ``timeout_s``."""

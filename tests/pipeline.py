@@ -15,6 +15,7 @@ import zmq
 from fastcore.conversion import convert_reference
 from fastcore.detectors import module_format
 from fastcore.formats import image_records
+from fastcore.names import Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import simulated_pixels
 from tests.conftest import Proc, module_cmd
@@ -51,7 +52,7 @@ class Pipeline:
     def subscribe(self) -> zmq.Socket:
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(ipc_address(self.ipc_dir, self.name, "image"))
+        sub.connect(ipc_address(self.ipc_dir, self.name, Stream.IMAGE))
         time.sleep(0.3)  # let the subscription reach the publisher
         return sub
 

@@ -13,6 +13,7 @@ from fastcore.config import load_config
 from fastcore.conversion import convert_reference
 from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
 from fastcore.formats import INVALID_ID, RAW_METADATA, ImageStatus
+from fastcore.names import Segment
 from fastcore.simulator import simulated_pixels
 
 
@@ -32,7 +33,7 @@ def calibration_files(tmp_path):
 @contextlib.contextmanager
 def assembler_on_buffers(config, ipc_dir):
     """An Assembler with its buffers open over a FrameBuffer the test fills itself."""
-    frames = FrameBuffer.create(shm_name(config.detector_name, "frames"),
+    frames = FrameBuffer.create(shm_name(config.detector_name, Segment.FRAMES),
                                 config.n_frame_slots, config.n_modules,
                                 ImageAssembler(config).fmt.frame_bytes)
     assembler = Assembler(config, str(ipc_dir))

@@ -22,6 +22,7 @@ from fastcore.buffers import (
     shm_name,
 )
 from fastcore.formats import IMAGE_METADATA
+from fastcore.names import Segment
 from tests.conftest import shm_files
 
 
@@ -49,7 +50,7 @@ def _writer(buffer_name: str, n_images: int, started) -> None:
 
 
 def test_reader_racing_a_fast_writer_detects_overwritten_slots(name):
-    buffer_name = shm_name(name, "image")
+    buffer_name = shm_name(name, Segment.IMAGE)
     owner = ImageBuffer.create(buffer_name, 2, (1024, 1024), np.uint32)
     reader = ImageBuffer.attach(buffer_name)
     ctx = multiprocessing.get_context("fork")
@@ -84,7 +85,7 @@ def test_reader_racing_a_fast_writer_detects_overwritten_slots(name):
 
 
 def test_image_buffer_views_are_zero_copy_across_processes(name):
-    buffer_name = shm_name(name, "image")
+    buffer_name = shm_name(name, Segment.IMAGE)
     with ImageBuffer.create(buffer_name, 4, (8, 16), np.uint16) as owner:
         view = owner.begin_write(6)
         view[:] = np.arange(128, dtype=np.uint16).reshape(8, 16)
@@ -106,18 +107,18 @@ def test_image_buffer_views_are_zero_copy_across_processes(name):
 
 def test_missing_buffer_is_a_clear_error(name):
     with pytest.raises(BufferMissingError, match=rf"/dev/shm/stddaq.{name}.image does not exist"):
-        ImageBuffer.attach(shm_name(name, "image"))
+        ImageBuffer.attach(shm_name(name, Segment.IMAGE))
 
 
 def test_wrong_kind_of_buffer_is_refused(name):
-    with FrameBuffer.create(shm_name(name, "frames"), 2, 1, 1024), pytest.raises(
+    with FrameBuffer.create(shm_name(name, Segment.FRAMES), 2, 1, 1024), pytest.raises(
             BufferMissingError, match="holds a 'frames' buffer"):
-        ImageBuffer.attach(shm_name(name, "frames"))
+        ImageBuffer.attach(shm_name(name, Segment.FRAMES))
 
 
 def _try_create(name: str, queue) -> None:
     try:
-        ImageBuffer.create(shm_name(name, "image"), 2, (4, 4), np.uint8)
+        ImageBuffer.create(shm_name(name, Segment.IMAGE), 2, (4, 4), np.uint8)
         queue.put("created")
     except BufferInUseError as exc:
         queue.put(str(exc))
@@ -126,7 +127,7 @@ def _try_create(name: str, queue) -> None:
 def test_buffer_of_a_live_process_is_not_replaced(name):
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    with ImageBuffer.create(shm_name(name, "image"), 2, (4, 4), np.uint8):
+    with ImageBuffer.create(shm_name(name, Segment.IMAGE), 2, (4, 4), np.uint8):
         other = ctx.Process(target=_try_create, args=(name, queue))
         other.start()
         other.join(10)
@@ -140,7 +141,7 @@ def _crash_holding_buffer(buffer_name: str) -> None:
 
 
 def test_leftover_of_a_crashed_creator_is_replaced_with_a_log_line(name, caplog):
-    buffer_name = shm_name(name, "frames")
+    buffer_name = shm_name(name, Segment.FRAMES)
     process = multiprocessing.get_context("fork").Process(
         target=_crash_holding_buffer, args=(buffer_name,))
     process.start()

@@ -11,6 +11,7 @@ import numpy as np
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import ImageStatus
+from fastcore.names import Segment
 from fastcore.simulator import DetectorSimulator
 from tests.pipeline import Pipeline, expected_image
 
@@ -52,7 +53,7 @@ def test_a_forged_packet_far_ahead_skips_no_frame(make_config, ipc_dir, tmp_path
         records = pipeline.collect(sub, 20, timeout=60.0)
         assert [int(r["id"]) for r in records] == list(range(1, 21)), pipeline.recv.output
         assert [int(r["status"]) for r in records] == [ImageStatus.GOOD] * 20
-        images = ImageBuffer.attach(shm_name(config.detector_name, "image"))
+        images = ImageBuffer.attach(shm_name(config.detector_name, Segment.IMAGE))
         try:
             for frame in (10, 11, 20):
                 _, image = images.read(frame)

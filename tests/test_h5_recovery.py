@@ -47,6 +47,7 @@ import fastcore.h5_writer as h5_writer
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import IMAGE_METADATA, dtype_code
+from fastcore.names import Segment
 from fastcore.writer_protocol import RunInfo
 
 path, name, compression, plan = sys.argv[2:6]
@@ -55,7 +56,7 @@ config = DetectorConfig(
     detector_name=name, detector_type="eiger", n_modules=1, bit_depth=16,
     image_pixel_height=shape[0], image_pixel_width=shape[1], start_udp_port=50000,
     writer_user_id=0, module_positions={0: (0, 0, shape[1] - 1, shape[0] - 1)})
-images = ImageBuffer.create(shm_name(name, "image"), 8, shape, np.uint16)
+images = ImageBuffer.create(shm_name(name, Segment.IMAGE), 8, shape, np.uint16)
 run = h5_writer.RunFile(path, 1, RunInfo(path, 10**6), config, images, compression)
 image_id = 1000
 

@@ -22,6 +22,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import IMAGE_METADATA, ImageStatus, dtype_code
+from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, daq_rec_of, pulse_id_of
 from fastcore.writer_protocol import RunInfo, StartCommand, StopCommand
@@ -40,17 +41,17 @@ class WriterHarness:
         self.config_path, self.ipc_dir, self.log_dir, self.extra = (config_path, ipc_dir,
                                                                     log_dir, extra)
         self.config = load_config(config_path)
-        self.images = (ImageBuffer.create(shm_name(self.name, "image"), n_slots,
+        self.images = (ImageBuffer.create(shm_name(self.name, Segment.IMAGE), n_slots,
                                           self.config.image_shape, self.config.image_dtype)
                        if start_buffer else None)
         ctx = zmq.Context.instance()
         self.pub = ctx.socket(zmq.PUB)
-        self.pub.bind(ipc_address(ipc_dir, self.name, "image"))
+        self.pub.bind(ipc_address(ipc_dir, self.name, Stream.IMAGE))
         self.push = ctx.socket(zmq.PUSH)
-        self.push.connect(ipc_address(ipc_dir, self.name, "writer"))
+        self.push.connect(ipc_address(ipc_dir, self.name, Stream.WRITER))
         self.status = ctx.socket(zmq.SUB)
         self.status.setsockopt(zmq.SUBSCRIBE, b"")
-        self.status.connect(ipc_address(ipc_dir, self.name, "writer-status"))
+        self.status.connect(ipc_address(ipc_dir, self.name, Stream.WRITER_STATUS))
         self.start_writer()
 
     def start_writer(self) -> None:

@@ -18,6 +18,7 @@ import redis
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import ImageStatus
+from fastcore.names import Segment
 from services.broker.protocol import request_queue_name
 from services.daq_client import DaqClient
 from tests.conftest import Proc, free_tcp_port, module_cmd
@@ -161,7 +162,7 @@ def test_request_cli_exit_code_tells_success_from_partial(launched):
     ok = cli(REQUEST, tag, "--set", f"output_file={out_dir / 'ok.h5'}", "--set",
              "n_images=5", "--timeout", "60", timeout=90)
     assert ok.returncode == 0, ok.stderr
-    with ImageBuffer.attach(shm_name(config.detector_name, "image")) as images:
+    with ImageBuffer.attach(shm_name(config.detector_name, Segment.IMAGE)) as images:
         deadline = time.monotonic() + 30  # until the ring wrapped: image 1 is gone
         while time.monotonic() < deadline and not (
                 int(images.metadata(1)["id"]) > images.n_slots + 5):

@@ -11,6 +11,7 @@ from fastcore.buffers import FrameBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.detectors import module_format
 from fastcore.formats import MODULE_FRAME
+from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, Faults
 from fastcore.udp_recv import PUBLISH_BATCH, ModuleReceiver
@@ -24,10 +25,10 @@ def test_a_backlog_is_announced_in_batches_and_the_last_frames_at_once(make_conf
     path, _ = make_config("jungfrau_1m.json")
     config = load_config(path)
     fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
-    frames = FrameBuffer.create(shm_name(config.detector_name, "frames"), config.n_frame_slots,
-                                config.n_modules, fmt.frame_bytes)
+    frames = FrameBuffer.create(shm_name(config.detector_name, Segment.FRAMES),
+                                config.n_frame_slots, config.n_modules, fmt.frame_bytes)
     pull = zmq.Context.instance().socket(zmq.PULL)
-    address = ipc_address(ipc_dir, config.detector_name, "frames")
+    address = ipc_address(ipc_dir, config.detector_name, Stream.FRAMES)
     pull.bind(address)
     receiver = ModuleReceiver(config, 0, address)
     sock = receiver.open_socket()

@@ -12,6 +12,7 @@ import pytest
 from fastcore.buffers import FrameBuffer, ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import ImageStatus, code_dtype
+from fastcore.names import Segment
 from fastcore.simulator import DetectorSimulator, Faults, daq_rec_of, pulse_id_of
 from tests.pipeline import Pipeline, expected_image
 
@@ -28,8 +29,8 @@ def run_and_check(config_path, raw, ipc_dir, log_dir, n_frames=12, rate=50.0,
         records = pipeline.collect(sub, n_frames)
         assert [int(r["id"]) for r in records] == list(range(1, n_frames + 1)), \
             pipeline.assembler.output
-        images = ImageBuffer.attach(shm_name(config.detector_name, "image"))
-        frames = FrameBuffer.attach(shm_name(config.detector_name, "frames"))
+        images = ImageBuffer.attach(shm_name(config.detector_name, Segment.IMAGE))
+        frames = FrameBuffer.attach(shm_name(config.detector_name, Segment.FRAMES))
         try:
             assert images.shape == config.image_shape and images.dtype == config.image_dtype
             for record in records:

@@ -18,6 +18,7 @@ from fastcore.buffers import FrameBuffer, shm_name
 from fastcore.config import parse_config
 from fastcore.detectors import module_format
 from fastcore.formats import INVALID_ID, MODULE_FRAME
+from fastcore.names import Segment
 from fastcore.udp import MSG_TRUNC
 from fastcore.udp_recv import FramePlacer, module_origin
 
@@ -61,7 +62,7 @@ class Link:
         self.batch = min(batch or 128, fmt.n_packets)
         self.name = f"t{uuid4().hex[:8]}"
         self.path = f"/dev/shm/{shm_name(self.name, 'frames')}"
-        self.buffer = FrameBuffer.create(shm_name(self.name, "frames"), n_slots,
+        self.buffer = FrameBuffer.create(shm_name(self.name, Segment.FRAMES), n_slots,
                                          config.n_modules, fmt.frame_bytes)
         for slot in range(n_slots):
             for module in range(config.n_modules):

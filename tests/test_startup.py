@@ -19,6 +19,7 @@ from services.startup import (
     redis_client,
     service_setup,
 )
+from services.status import ServiceStatus
 from tests.netproxy import TcpProxy
 
 
@@ -129,3 +130,15 @@ def test_redis_outage_is_survived_and_reported_when_back(rds, caplog):
         assert sum("Redis unavailable" in m for m in messages) == 1
         assert any("Redis is back" in m for m in messages)
         assert client.exists(f"status.{name}")
+
+
+def test_service_status_round_trips_and_reads_foreign_hashes():
+    status = ServiceStatus("bl.writer", {"a": 1}, 1700000000, "running", 1700000001.5,
+                           {"images": 3}, "")
+    raw = {k.encode(): str(v).encode() for k, v in status.to_fields().items()}
+    assert ServiceStatus.from_fields(b"status.bl.writer", raw) == status
+    original = {b"config": b"{}", b"service_name": b"old", b"start_timestamp": b"12"}
+    assert ServiceStatus.from_fields("status.old", original) == ServiceStatus(
+        "old", {}, 12.0)
+    broken = {"counters": "not json", "heartbeat": "soon"}
+    assert ServiceStatus.from_fields("status.x", broken) == ServiceStatus("x")

@@ -11,6 +11,7 @@ import zmq
 
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
+from fastcore.names import Segment
 from fastcore.simulator import DetectorSimulator
 from fastcore.writer_protocol import RunInfo, StartCommand
 from services.writer_agent import WriterLink
@@ -105,7 +106,7 @@ def test_slow_link_drops_whole_images_never_torn(make_config, ipc_dir, tmp_path)
             sub_b = Pipeline(path_b, raw_b, ipc_dir, tmp_path).subscribe()
             # the queued images arrive once the link is up (they may precede the SUB)
             deadline = time.monotonic() + 10
-            images = ImageBuffer.attach(shm_name(raw_b["detector_name"], "image"))
+            images = ImageBuffer.attach(shm_name(raw_b["detector_name"], Segment.IMAGE))
             try:
                 got = []
                 while time.monotonic() < deadline and len(got) < 2:

@@ -185,7 +185,8 @@ def test_id_restart_while_a_frame_waits_is_late():
 
 def test_the_sync_process_loop_takes_several_module_frames_per_message(tmp_path):
     """Receivers batch their ModuleFrames when frames come fast: one ZMQ message may hold
-    several records, and sync releases every frame of it, in order."""
+    several records, and sync releases every frame of it, in order (the frames completed
+    in one loop turn go out as one message)."""
     config = parse_config({
         "detector_name": "SYNCMSG", "detector_type": "jungfrau", "n_modules": 2,
         "bit_depth": 16, "image_pixel_height": 1024, "image_pixel_width": 1024,
@@ -206,8 +207,8 @@ def test_the_sync_process_loop_takes_several_module_frames_per_message(tmp_path)
         for record in module1:
             push.send(record.tobytes())
         out = []
-        while len(out) < 3 and raw_pull.poll(5000):
-            out.append(np.frombuffer(raw_pull.recv(), RAW_METADATA)[0])
+        while len(out) < 3 and raw_pull.poll(5000):  # a message holds one or more
+            out.extend(np.frombuffer(raw_pull.recv(), RAW_METADATA))
         assert ids(out) == [5, 6, 7] and statuses(out) == [0, 0, 0]
         assert [int(r["pulse_id"]) for r in out] == [1050, 1060, 1070]
     finally:

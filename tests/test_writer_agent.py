@@ -20,6 +20,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import IMAGE_METADATA, dtype_code
+from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from services.writer_agent import (
     BusyError,
@@ -35,10 +36,10 @@ class FakeAssembler:
     """Produces images (every pixel = id) and publishes their ImageMetadata."""
 
     def __init__(self, config, ipc_dir, n_slots=32):
-        self.images = ImageBuffer.create(shm_name(config.detector_name, "image"), n_slots,
+        self.images = ImageBuffer.create(shm_name(config.detector_name, Segment.IMAGE), n_slots,
                                          config.image_shape, config.image_dtype)
         self.pub = zmq.Context.instance().socket(zmq.PUB)
-        self.pub.bind(ipc_address(ipc_dir, config.detector_name, "image"))
+        self.pub.bind(ipc_address(ipc_dir, config.detector_name, Stream.IMAGE))
 
     def emit(self, image_id: int) -> None:
         self.images.begin_write(image_id)[:] = image_id % 60000

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import queue
 import shutil
@@ -58,6 +57,7 @@ from services.cli import (
     to_json,
 )
 from services.startup import HEARTBEAT_S, redis_client
+from services.status import STATUS_PREFIX, ServiceStatus
 
 PROG = "stddaq-monitor"
 STALE_S = 3 * HEARTBEAT_S  # a heartbeat older than this is shown as stale
@@ -167,7 +167,7 @@ def agg_line(out: Out, request_id: str, entry: dict) -> str:
 
 def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
     """Every ``status.*`` hash: service, state, heartbeat age, counters, last error."""
-    keys = sorted(set(client.scan_iter(match="status.*", count=1000)))
+    keys = sorted(set(client.scan_iter(match=STATUS_PREFIX + "*", count=1000)))
     if not keys:
         return []
     pipe = client.pipeline(transaction=False)
@@ -181,22 +181,16 @@ def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
         fields, ttl = replies[2 * i], replies[2 * i + 1]
         if not isinstance(fields, dict) or not fields:
             continue  # another type under status.*, or expired meanwhile
-        fields = {_str(k): _str(v) for k, v in fields.items()}
-        name = fields.get("service_name") or _str(key)[len("status."):]
-        heartbeat = _float(fields.get("heartbeat"))
-        started = _float(fields.get("start_timestamp"))
-        age = None if heartbeat is None else max(0.0, now - heartbeat)
-        try:
-            counters = json.loads(fields["counters"]) if fields.get("counters") else {}
-        except ValueError:
-            counters = fields["counters"]
+        status = ServiceStatus.from_fields(key, fields)
+        started = status.start_timestamp
+        age = None if status.heartbeat is None else max(0.0, now - status.heartbeat)
         rows.append({
-            "key": _str(key), "service": name, "state": fields.get("state"),
+            "key": _str(key), "service": status.service_name, "state": status.state,
             "heartbeat_age": None if age is None else round(age, 3),
             "stale": age is not None and age > STALE_S,
             "uptime": None if started is None else round(max(0.0, now - started), 3),
             "ttl": ttl if isinstance(ttl, int) and ttl >= 0 else None,
-            "counters": counters, "last_error": fields.get("last_error") or None,
+            "counters": status.counters, "last_error": status.last_error or None,
         })
     rows.sort(key=lambda row: row["service"])
     return rows
@@ -204,13 +198,6 @@ def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
 
 def _str(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
 
 
 def duration(seconds: float | None) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import segment_alive, shm_dir, shm_name
 from fastcore.config import ConfigError, load_config
+from fastcore.names import Segment
 from fastcore.process import DEFAULT_IPC_DIR
 from services.broker.address import parse_broker_url
 from services.supervisor import ServiceSpec, Supervisor
@@ -97,7 +98,7 @@ class Launcher:
         self.supervisor = Supervisor(service_specs(config_path, options), self.log_dir)
 
     def start(self) -> None:
-        for buffer in ("frames", "image"):
+        for buffer in Segment:
             name = shm_name(self.config.detector_name, buffer)
             if segment_alive(name):
                 raise AlreadyRunningError(

@@ -110,9 +110,9 @@ time.sleep(0.3)
 print(json.dumps({{
     "path": epics.caget(P + "WRT:FilePath", as_string=True, use_monitor=False),
     "exists": epics.caget(P + "WRT:FilePathExists_RBV", as_string=True, use_monitor=False),
-    "desc": epics.caget(P + "WRT:NumCapture.DESC", as_string=True),
-    "egu": epics.caget(P + "BUF:ArrayRate_RBV.EGU", as_string=True),
-    "prec": epics.caget(P + "BUF:ArrayRate_RBV.PREC")}}))
+    "desc": epics.caget(P + "WRT:NumCapture.DESC", as_string=True, use_monitor=False),
+    "egu": epics.caget(P + "BUF:ArrayRate_RBV.EGU", as_string=True, use_monitor=False),
+    "prec": epics.caget(P + "BUF:ArrayRate_RBV.PREC", use_monitor=False)}}))
 """)
     assert result["path"] == path and result["exists"] == "Yes"
     assert result["desc"] == "Images to write per capture"

@@ -133,12 +133,7 @@ class BufferGroup(PVGroup):
 
     @detector_state.startup
     async def detector_state(self, instance, async_lib):
-        # caproto's units= and precision= reach DBR_CTRL clients, but the record's .EGU and
-        # .PREC fields hold their own values (a monitor of .PREC would start at 0)
-        fields = self.array_rate.field_inst
-        await fields.engineering_units.write("Hz")
-        await fields.display_precision.write(self.array_rate.precision)
-        self.follower.start()
+        self.follower.start()  # the records' EGU/PREC/DESC fields: server.publish_record_fields
 
     @detector_state.shutdown
     async def detector_state(self, instance, async_lib):

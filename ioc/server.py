@@ -28,6 +28,8 @@ from ioc.writer import WriterGroup
 from services.daq_client import DaqClient
 from services.startup import redis_client
 
+DESC_MAX = 40  # characters of an EPICS record's DESC field
+
 
 @dataclass(frozen=True)
 class IocSettings:
@@ -58,6 +60,25 @@ class StddaqIOC(PVGroup):
     def __init__(self, *args, settings: IocSettings, **kwargs):
         self.settings = settings
         super().__init__(*args, **kwargs)
+
+
+async def publish_record_fields(pvdb: dict) -> None:
+    """Store each record's DESC (its doc=), EGU and PREC in the fields themselves: caproto
+    answers a CA get of them through getters, but a monitor (a phoebus label) gets the
+    stored value, empty until written."""
+    for channel in {id(c): c for c in pvdb.values()}.values():
+        fields = getattr(channel, "field_inst", None)
+        if fields is None:
+            continue
+        doc = getattr(channel, "__doc__", None)
+        if doc and hasattr(fields, "description"):
+            await fields.description.write(doc[:DESC_MAX])
+        units = getattr(channel, "units", None)
+        if units and hasattr(fields, "engineering_units"):
+            await fields.engineering_units.write(units)
+        precision = getattr(channel, "precision", None)
+        if precision and hasattr(fields, "display_precision"):
+            await fields.display_precision.write(precision)
 
 
 def _names(text: str) -> list[str]:
@@ -108,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rules.apply(ioc.pvdb)
 
     async def announce(async_lib) -> None:
+        await publish_record_fields(ioc.pvdb)
         logging.getLogger(__name__).info("ready: %d PVs with prefix %s on %s; %s",
                                          len(ioc.pvdb), ioc_options["prefix"],
                                          ", ".join(run_options.get("interfaces") or

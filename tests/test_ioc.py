@@ -110,9 +110,10 @@ time.sleep(0.3)
 print(json.dumps({{
     "path": epics.caget(P + "WRT:FilePath", as_string=True, use_monitor=False),
     "exists": epics.caget(P + "WRT:FilePathExists_RBV", as_string=True, use_monitor=False),
-    "desc": epics.caget(P + "WRT:NumCapture.DESC", as_string=True, use_monitor=False),
-    "egu": epics.caget(P + "BUF:ArrayRate_RBV.EGU", as_string=True, use_monitor=False),
-    "prec": epics.caget(P + "BUF:ArrayRate_RBV.PREC", use_monitor=False)}}))
+    # a monitor's first value, as a display gets it: the fields are stored, not computed
+    "desc": epics.PV(P + "WRT:NumCapture.DESC", auto_monitor=True).get(as_string=True),
+    "egu": epics.PV(P + "BUF:ArrayRate_RBV.EGU", auto_monitor=True).get(as_string=True),
+    "prec": epics.PV(P + "BUF:ArrayRate_RBV.PREC", auto_monitor=True).get()}}))
 """)
     assert result["path"] == path and result["exists"] == "Yes"
     assert result["desc"] == "Images to write per capture"

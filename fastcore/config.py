@@ -85,10 +85,15 @@ class DetectorConfig:
 
     def buffer_plan(self) -> BufferPlan:
         """This config's slots, their bytes and the seconds they hold at the nominal rate."""
+        return self.plan_slots(self.n_frame_slots, self.n_image_slots)
+
+    def plan_slots(self, n_frame_slots: int | None, n_image_slots: int | None) -> BufferPlan:
+        """The buffers with these slots; None: the default for this detector (1 s of its
+        nominal rate within the memory budget)."""
         return plan_buffers(
             self.rate_hz, self.n_modules,
             module_format(self.detector_type, self.bit_depth, self.image_shape).frame_bytes,
-            self.image_shape, self.image_dtype, self.n_frame_slots, self.n_image_slots)
+            self.image_shape, self.image_dtype, n_frame_slots, n_image_slots)
 
 
 def _int_field(raw: dict, name: str, errors: list[str], minimum: int | None = None,
@@ -274,11 +279,8 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
             extra=extra, **optional,
         )
         if "n_image_slots" not in optional or "n_frame_slots" not in optional:
-            plan = plan_buffers(
-                config.rate_hz, config.n_modules,
-                module_format(det_type, bit_depth, config.image_shape).frame_bytes,
-                config.image_shape, config.image_dtype,
-                optional.get("n_frame_slots"), optional.get("n_image_slots"))
+            plan = config.plan_slots(optional.get("n_frame_slots"),
+                                     optional.get("n_image_slots"))
             config = replace(config, n_frame_slots=plan.n_frame_slots,
                              n_image_slots=plan.n_image_slots)
     if errors:

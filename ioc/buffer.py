@@ -133,7 +133,7 @@ class BufferGroup(PVGroup):
 
     @detector_state.startup
     async def detector_state(self, instance, async_lib):
-        self.follower.start()  # the records' EGU/PREC/DESC fields: server.publish_record_fields
+        self.follower.start()
 
     @detector_state.shutdown
     async def detector_state(self, instance, async_lib):

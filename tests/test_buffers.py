@@ -189,3 +189,16 @@ def test_a_missing_stddaq_shm_dir_is_named(tmp_path, monkeypatch):
             make()
         assert str(info.value) == (f"the buffer directory {missing} (STDDAQ_SHM_DIR or "
                                    "/dev/shm) does not exist")
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_segments_are_readable_by_the_group_only_whatever_the_umask(name, umask):
+    old = os.umask(umask)
+    try:
+        images = ImageBuffer.create(shm_name(name, Segment.IMAGE), 2, (4, 4), np.uint16)
+    finally:
+        os.umask(old)
+    try:
+        assert os.stat(images.segment.path).st_mode & 0o777 == 0o640
+    finally:
+        images.close()

@@ -35,5 +35,7 @@ def check_demo(tmp_path: Path) -> None:
     assert "15 of 15 sampled images identical to the simulator's content" in out
     assert "result           OK" in out
     assert "services stopped" in out
+    assert "removed after the check (--keep-file keeps it)" in out
+    assert list(tmp_path.glob("stddaq-demo-*/data/*.h5")) == []  # no GBs left behind
     kept = list(tmp_path.glob("stddaq-demo-*/logs"))
     assert len(kept) == 1 and f"logs kept in {kept[0]}" in out

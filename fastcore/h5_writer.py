@@ -39,7 +39,7 @@ from fastcore.config import DetectorConfig
 from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus, image_records
 from fastcore.h5_recovery import RecoveryError, recover_file
 from fastcore.names import Segment, Stream
-from fastcore.output_file import OutputPathError, create_exclusive, fd_path
+from fastcore.output_file import OutputPathError, create_exclusive, fd_path, open_or_create
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
 from fastcore.writer_protocol import (
     COMMAND_TTL_S,
@@ -67,6 +67,7 @@ _MAX_LISTED = 1000  # missing ids and absent ranges listed in a summary
 _RESERVE_BYTES = 2**20
 MAX_BATCH = 64  # images taken per loop turn (the loop stays responsive to commands)
 _FLAGS = [flag for flag in ImageStatus if flag]
+BITSHUFFLE_FILTER = 32008  # HDF5's registered id of the bitshuffle filter
 
 
 class WriteError(RuntimeError):
@@ -119,15 +120,20 @@ class RunFile:
     n_missing: int = 0
 
     def __post_init__(self) -> None:
-        config, shape, dtype = self.config, self.images.shape, self.images.dtype
+        config = self.config
         directory = os.path.dirname(self.path)
         self.reserve = os.path.join(directory, f".{os.path.basename(self.path)}.reserve")
+        verb = "append to" if self.info.append else "write"
         try:
             with effective_user(self.info.user_id or config.writer_user_id):
-                dir_fd, fd = create_exclusive(self.path, config.output_root)
+                if self.info.append:
+                    dir_fd, fd, created = open_or_create(self.path, config.output_root)
+                else:
+                    (dir_fd, fd), created = create_exclusive(self.path, config.output_root), True
                 try:
-                    self.file = h5py.File(fd_path(fd), "w", libver="latest")
-                    self._reserve_space(dir_fd)
+                    self.file = h5py.File(fd_path(fd), "w" if created else "r+",
+                                          libver="latest")
+                    self._reserve_space(dir_fd, created)
                 finally:
                     os.close(fd)
                     os.close(dir_fd)
@@ -135,27 +141,12 @@ class RunFile:
             raise WriteError(str(exc)) from None
         except OSError as exc:
             reason = "permission denied" if isinstance(exc, PermissionError) else str(exc)
-            raise WriteError(f"cannot write {self.path}: {reason}") from None
+            raise WriteError(f"cannot {verb} {self.path}: {reason}") from None
         try:
-            group = self.file.create_group(config.detector_name)
-            filters = hdf5plugin.Bitshuffle(cname="lz4") if self.compression != "none" else {}
-            self.data = group.create_dataset(
-                "data", shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape),
-                dtype=dtype, **filters)
-            self.meta_sets = {
-                name: group.create_dataset(name, shape=(0,), maxshape=(None,),
-                                           chunks=(4096,), dtype="<u8")
-                for name in METADATA_FIELDS
-            }
-            self.file.attrs["software_version"] = f"stddaq {__version__}"
-            self.file.attrs["run_id"] = self.run_id
-            self.file.attrs["detector_config"] = json.dumps(
-                {k: v for k, v in vars(config).items() if k != "extra"}
-                | {"module_positions": {str(k): v for k, v in config.module_positions.items()}})
-            self.file.attrs["request_metadata"] = json.dumps(self.info.metadata)
-            for key, value in self.info.metadata.items():
-                if isinstance(value, str | int | float | bool):
-                    group.attrs[key] = value
+            if created:
+                self._create_layout()
+            else:
+                self._open_layout()
             self.file.swmr_mode = True
         except BaseException:
             self.file.close()
@@ -164,7 +155,60 @@ class RunFile:
         self.flushed = 0  # rows visible to readers, and kept if the writer is killed
         self._zero_chunk: np.ndarray | None = None
 
-    def _reserve_space(self, dir_fd: int) -> None:
+    def _create_layout(self) -> None:
+        config, shape = self.config, self.images.shape
+        self.base = 0  # rows of earlier runs (appends)
+        group = self.file.create_group(config.detector_name)
+        filters = hdf5plugin.Bitshuffle(cname="lz4") if self.compression != "none" else {}
+        self.data = group.create_dataset(
+            "data", shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape),
+            dtype=self.images.dtype, **filters)
+        self.meta_sets = {
+            name: group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(4096,),
+                                       dtype="<u8")
+            for name in METADATA_FIELDS
+        }
+        self.file.attrs["software_version"] = f"stddaq {__version__}"
+        self.file.attrs["run_id"] = self.run_id
+        self.file.attrs["detector_config"] = json.dumps(
+            {k: v for k, v in vars(config).items() if k != "extra"}
+            | {"module_positions": {str(k): v for k, v in config.module_positions.items()}})
+        self.file.attrs["request_metadata"] = json.dumps(self.info.metadata)
+        for key, value in self.info.metadata.items():
+            if isinstance(value, str | int | float | bool):
+                group.attrs[key] = value
+
+    def _open_layout(self) -> None:
+        """An existing file to append to: it must be this detector's, same geometry, its
+        datasets of equal length; the file's compression is kept."""
+        name, shape, dtype = self.config.detector_name, self.images.shape, self.images.dtype
+        group = self.file.get(name)
+        data = group.get("data") if isinstance(group, h5py.Group) else None
+        if not isinstance(data, h5py.Dataset) or data.shape[1:] != shape \
+                or data.dtype != dtype or data.maxshape[0] is not None:
+            raise WriteError(f"cannot append to {self.path}: it holds no extendible "
+                             f"/{name}/data of {shape[0]} x {shape[1]} {dtype} images (not "
+                             "a file of this detector as it is configured now)")
+        self.data, self.base = data, data.shape[0]
+        self.meta_sets = {}
+        for field_name in METADATA_FIELDS:
+            dataset = group.get(field_name)
+            if not isinstance(dataset, h5py.Dataset) or dataset.shape != (self.base,):
+                found = getattr(dataset, "shape", "none")
+                raise WriteError(f"cannot append to {self.path}: /{name}/{field_name} has "
+                                 f"shape {found}, /{name}/data {self.base} rows (repair it "
+                                 "with stddaq-h5-recover)")
+            self.meta_sets[field_name] = dataset
+        plist = data.id.get_create_plist()
+        filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+        compression = "bitshuffle-lz4" if BITSHUFFLE_FILTER in filters else "none"
+        if self.info.compression is not None and self.info.compression != compression:
+            raise WriteError(f"cannot append to {self.path} with compression "
+                             f"{self.info.compression}: its images are stored with "
+                             f"{compression}")
+        self.compression = compression
+
+    def _reserve_space(self, dir_fd: int, created: bool) -> None:
         """Hold back some disk space, released before closing, so the file can always be
         closed valid even when the disk fills up during the run."""
         reserve = os.path.basename(self.reserve)
@@ -179,7 +223,8 @@ class RunFile:
             self.file.close()
             with contextlib.suppress(OSError):
                 os.unlink(reserve, dir_fd=dir_fd)
-            os.unlink(os.path.basename(self.path), dir_fd=dir_fd)
+            if created:
+                os.unlink(os.path.basename(self.path), dir_fd=dir_fd)
             raise
 
     @property
@@ -190,18 +235,19 @@ class RunFile:
         """Write the next image from the ImageBuffer; False if it was no longer there (a
         row of zeros flagged NOT_IN_BUFFER)."""
         row, image_id = self.n_rows, int(image_metadata["id"])
+        file_row = self.base + row
         if row == self.meta.shape[1]:  # grow the metadata rows (up to n_images)
             grown = np.zeros((len(METADATA_FIELDS), min(2 * row, self.info.n_images)),
                              np.uint64)
             grown[:, :row] = self.meta
             self.meta = grown
-        self.data.id.set_extent((row + 1, *self.images.shape))  # low level: ~5x cheaper
+        self.data.id.set_extent((file_row + 1, *self.images.shape))  # low level: ~5x cheaper
         if not self.images.holds(image_id):
             self._reattach()
-        good = self.images.holds(image_id) and self._write_chunk(row, image_id)
+        good = self.images.holds(image_id) and self._write_chunk(file_row, image_id)
         status = int(image_metadata["status"])
         if not good:
-            self._write_zeros(row)
+            self._write_zeros(file_row)
             status |= ImageStatus.NOT_IN_BUFFER
             self.n_missing += 1
             if len(self.missing_ids) < _MAX_LISTED:
@@ -247,12 +293,12 @@ class RunFile:
     def flush(self) -> None:
         """Make the written images and their metadata visible to SWMR readers (and safe
         from a kill: a restarted writer keeps the rows flushed)."""
-        rows = self.n_rows
+        rows, base = self.n_rows, self.base
         if rows > self.flushed:
             for i, name in enumerate(METADATA_FIELDS):
                 dataset = self.meta_sets[name]
-                dataset.resize(rows, axis=0)
-                dataset[self.flushed : rows] = self.meta[i, self.flushed : rows]
+                dataset.resize(base + rows, axis=0)
+                dataset[base + self.flushed : base + rows] = self.meta[i, self.flushed : rows]
         self.file.flush()
         self.flushed = rows
 
@@ -261,7 +307,7 @@ class RunFile:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.reserve)
         if failed:  # the failed image's row may have been added
-            self.data.resize(self.n_rows, axis=0)
+            self.data.resize(self.base + self.n_rows, axis=0)
         try:
             self.flush()
         finally:
@@ -356,7 +402,8 @@ class Run:
             reason=reason, message=message, n_written=file.n_written,
             n_missing=file.n_missing, n_good=n_good, n_flagged=flagged,
             n_absent=self.absent.count, absent_ranges=self.absent.ranges,
-            missing_image_ids=file.missing_ids, n_id_resets=self.absent.resets)
+            missing_image_ids=file.missing_ids, n_id_resets=self.absent.resets,
+            first_row=file.base)
 
 
 class H5Writer:
@@ -412,9 +459,10 @@ class H5Writer:
             return
         self.run = Run(command, file)
         self._write_journal(file)
-        log.info("run %d: writing %d images to %s", run_id, info.n_images, path)
+        log.info("run %d: writing %d images to %s%s", run_id, info.n_images, path,
+                 f" after its {file.base} rows" if info.append else "")
         self.publish({"event": "start", "run_id": run_id, "output_file": path,
-                      "n_images": info.n_images})
+                      "n_images": info.n_images, "first_row": file.base})
 
     def _image_buffer(self) -> ImageBuffer:
         """The ImageBuffer, attached once and kept (a fresh mapping would page-fault through

@@ -4,14 +4,16 @@ The request's path is checked as text before a run starts (``services.requests``
 file itself is created: every directory below the output root is opened with
 ``O_NOFOLLOW`` relative to the one before it, and the file with ``O_CREAT | O_EXCL |
 O_NOFOLLOW``, so a symbolic link anywhere below the root (or swapped in meanwhile) is
-refused, and nothing that exists is ever opened. The writer then opens the file it created
-through ``/proc/self/fd``: the same inode, whatever happens to the path.
+refused, and nothing that exists is ever opened (except by :func:`open_or_create`, for a
+request that appends: then only a regular file, never through a link). The writer then opens
+the file through ``/proc/self/fd``: the same inode, whatever happens to the path.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -90,3 +92,29 @@ def create_exclusive(path: str, root: str | None, mode: int = 0o644) -> tuple[in
 def fd_path(fd: int) -> str:
     """A path that opens the very file behind ``fd`` (for libraries that take paths)."""
     return f"/proc/self/fd/{fd}"
+
+
+def open_or_create(path: str, root: str | None, mode: int = 0o644) -> tuple[int, int, bool]:
+    """Open ``path`` below ``root`` for appending, creating it if it does not exist; returns
+    (directory fd, file fd, created). A symbolic link or anything but a regular file is
+    refused. The caller closes both descriptors."""
+    try:
+        dir_fd, fd = create_exclusive(path, root, mode)
+        return dir_fd, fd, True
+    except OutputPathError as exc:
+        if "the file exists" not in str(exc):
+            raise
+    dir_fd = _open_directory(path, root)
+    try:
+        fd = os.open(os.path.basename(path), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        os.close(dir_fd)
+        reason = {errno.ELOOP: "it is a symbolic link", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror)
+        raise OutputPathError(f"cannot append to {path}: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        os.close(dir_fd)
+        raise OutputPathError(f"cannot append to {path}: not a regular file")
+    return dir_fd, fd, False

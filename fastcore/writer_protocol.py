@@ -6,9 +6,10 @@ to write and relays what it reports.
 Commands to the writer (ZMQ PUSH -> PULL ``stddaq-<det>-writer``), one JSON object each:
 - ``start``: open ``run_info.output_file`` and write the next ``run_info.n_images`` images
   that reach the ImageBuffer (or, with ``start_image_id``, the images from that id on,
-  taking those still in the buffer first); end the run when no image came for
-  ``image_timeout_s``. A start older than :data:`COMMAND_TTL_S` is refused (it was queued
-  while the writer was down).
+  taking those still in the buffer first); with ``run_info.append`` the images are added
+  after the rows of an existing file of this detector (created if absent); end the run
+  when no image came for ``image_timeout_s``. A start older than :data:`COMMAND_TTL_S` is
+  refused (it was queued while the writer was down).
 - ``stop``: close run ``run_id`` now (a kill).
 
 Events from the writer (ZMQ PUB ``stddaq-<det>-writer-status``), one JSON object each, all
@@ -53,6 +54,7 @@ class RunInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     user_id: int | None = None
     compression: str | None = None  # None: the writer's default
+    append: bool = False  # add rows to an existing file of this detector (else create it)
 
     def validate(self) -> None:
         """Raise ProtocolError naming the bad field."""
@@ -70,6 +72,8 @@ class RunInfo:
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ProtocolError(f"compression: expected one of {COMPRESSIONS}, got "
                                 f"{self.compression!r}")
+        if not isinstance(self.append, bool):
+            raise ProtocolError(f"append: expected true or false, got {self.append!r:.40}")
 
 
 def valid_image_timeout(value: Any) -> bool:
@@ -147,9 +151,10 @@ COMPLETED, STOPPED, IMAGE_TIMEOUT, FAILED, INTERRUPTED, REPLACED = (
 class RunSummary:
     """Everything a finished run accounts for, sent as the writer's ``stop`` event.
 
-    ``n_written`` rows hold their image, ``n_missing`` rows are zeros because the image
-    had left the ImageBuffer (``missing_image_ids``, capped). ``n_flagged`` counts the rows
-    per status flag name (an image may carry several). ``absent_ranges`` are the inclusive
+    ``n_written`` rows (from the file's row ``first_row`` on) hold their image,
+    ``n_missing`` rows are zeros because the image had left the ImageBuffer
+    (``missing_image_ids``, capped). ``n_flagged`` counts the rows per status flag name (an
+    image may carry several). ``absent_ranges`` are the inclusive
     id ranges (capped) that never reached the writer between the run's images (``n_absent``
     ids in all).
     """
@@ -167,6 +172,7 @@ class RunSummary:
     absent_ranges: list[list[int]] = field(default_factory=list)
     missing_image_ids: list[int] = field(default_factory=list)
     n_id_resets: int = 0
+    first_row: int = 0  # the file's row of this run's first image (> 0 when appending)
 
     @property
     def n_rows(self) -> int:

@@ -46,7 +46,8 @@ class WriteRun:
         self.failed = False
         self.message: str | None = None
         self.result: dict | None = None
-        self.n_written = 0
+        self.n_written = 0  # images written good or flagged (progress, then the result)
+        self.n_rows = 0  # rows added to the file: n_written + rows of zeros (images lost)
         self.interrupted: str | None = None  # set by cancel(): waits give up
         self._lock = threading.Lock()
         self._progress_callbacks: list[Callable[[int], None]] = []
@@ -85,9 +86,11 @@ class WriteRun:
         self.interrupted = reason
         self._notify_progress()
 
-    def _set_written(self, n_written: int) -> None:
-        if n_written > self.n_written:
-            self.n_written = n_written
+    def _set_written(self, n_written: int, n_rows: int | None = None) -> None:
+        rows = max(self.n_rows, n_written if n_rows is None else n_rows)
+        if n_written > self.n_written or rows > self.n_rows:
+            self.n_written = max(self.n_written, n_written)
+            self.n_rows = rows
             self._notify_progress()
 
     def _notify_progress(self) -> None:
@@ -104,9 +107,10 @@ class WriteRun:
             self.message = str(message)
         elif isinstance(message, dict):
             self.result = message
-            written = message.get("n_images")
+            written, missing = message.get("n_images"), message.get("n_missing")
             if isinstance(written, int):
-                self._set_written(written)
+                self._set_written(written, written + (missing if isinstance(missing, int)
+                                                      else 0))
         self.started.set()
         self.done.set()
         with self._lock:
@@ -226,5 +230,6 @@ class DaqClient:
     def _on_progress(self, progress: dict) -> None:
         with self._lock:
             run = self._runs.get(progress.get("request_id"))
+        rows = progress.get("n_rows")
         if run is not None and isinstance(progress.get("n_written"), int):
-            run._set_written(progress["n_written"])
+            run._set_written(progress["n_written"], rows if isinstance(rows, int) else None)

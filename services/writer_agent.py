@@ -11,8 +11,10 @@ time per detector.
 
 Request (the original's fields plus stddaq's): ``{"output_file": abs path, "n_images": N,
 "user_id"?: int, "run_id"?: int, "start_image_id"?: int, "image_timeout"?: seconds,
-"metadata"?: {...}, "compression"?: "none"|"bitshuffle-lz4"}``; other fields belong to
-other services and are ignored.
+"metadata"?: {...}, "compression"?: "none"|"bitshuffle-lz4", "append"?: bool}``; other
+fields belong to other services and are ignored. With ``append: true`` the N images are
+added after the rows of ``output_file`` (a file of this detector, created if absent): a step
+scan sends one such request per point, so its file holds exactly the images it asked for.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class WriteRequest:
     metadata: dict[str, Any] = field(default_factory=dict)
     compression: str | None = None
     image_timeout: float | None = None
+    append: bool = False
 
 
 def _int(request: dict, name: str, minimum: int, maximum: int) -> int | None:
@@ -127,10 +130,13 @@ def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest
     if image_timeout is not None and not valid_image_timeout(image_timeout):
         raise RequestError(f"image_timeout: expected seconds > 0 and <= "
                            f"{MAX_IMAGE_TIMEOUT_S:g}, got {image_timeout!r:.40}")
+    append = request.get("append", False)
+    if not isinstance(append, bool):
+        raise RequestError(f"append: expected true or false, got {append!r:.40}")
     return WriteRequest(path, n_images, _user_id(request, config),
                         _int(request, "run_id", 0, 2**64 - 1),
                         _int(request, "start_image_id", 0, MAX_ID), metadata, compression,
-                        None if image_timeout is None else float(image_timeout))
+                        None if image_timeout is None else float(image_timeout), append)
 
 
 class WriterLink:
@@ -254,7 +260,7 @@ class _Run:
         self.agent, self.link, self.request_id, self.write = agent, link, request_id, write
         self.run_id = write.run_id if write.run_id is not None else time.time_ns()
         self.info = RunInfo(write.output_file, write.n_images, write.metadata, write.user_id,
-                            write.compression)
+                            write.compression, write.append)
         self.image_timeout_s = write.image_timeout or agent.image_timeout_s
         self.progress = {"n_rows": 0, "n_written": 0, "n_missing": 0}
         self.summary: RunSummary | None = None
@@ -308,6 +314,7 @@ class _Run:
                 "missing_image_ids": summary.missing_image_ids, "n_good": summary.n_good,
                 "n_flagged": summary.n_flagged, "n_absent": summary.n_absent,
                 "absent_ranges": summary.absent_ranges, "killed": stop_sent,
+                "first_row": summary.first_row,
                 "summary": summary.describe()}
 
     def _on_event(self, event: dict) -> None:

@@ -173,7 +173,8 @@ def test_writes_images_and_metadata(compression, harness, tmp_path):
     out = str(tmp_path / f"run_{compression}.h5")
     start = h.start(out, 10, run_id=7, metadata={"user": "e12345", "sample": "lysozyme"},
                     compression=compression)
-    assert start == {"event": "start", "run_id": 7, "output_file": out, "n_images": 10}
+    assert start == {"event": "start", "run_id": 7, "output_file": out, "n_images": 10,
+                     "first_row": 0}
     for image_id in range(100, 112):  # two more than asked for: not written
         h.put(image_id)
     stop = h.events()[-1]
@@ -181,7 +182,7 @@ def test_writes_images_and_metadata(compression, harness, tmp_path):
         "event": "stop", "run_id": 7, "output_file": out, "n_images": 10, "n_written": 10,
         "n_missing": 0, "n_good": 10, "n_flagged": {}, "n_absent": 0, "absent_ranges": [],
         "missing_image_ids": [], "n_id_resets": 0, "reason": "completed", "message": "",
-        "outcome": "success"}
+        "outcome": "success", "first_row": 0}
     report = check_in_fresh_process(out, h.name, list(range(100, 110)), [0] * 10)
     assert ("32008" in report["filters"]) == (compression == "bitshuffle-lz4")
     assert json.loads(report["attrs"]["request_metadata"])["sample"] == "lysozyme"
@@ -200,6 +201,52 @@ def test_images_before_the_start_are_not_written(harness, tmp_path):
     h.put(4)
     assert h.events()[-1]["outcome"] == "success"
     check_in_fresh_process(out, h.name, [3, 4], [0, 0])
+
+
+@pytest.mark.parametrize("compression", ["none", "bitshuffle-lz4"])
+def test_append_runs_add_exactly_their_images_to_one_file(compression, harness, tmp_path):
+    """A step scan's requests: each appends the next images after its start, nothing
+    between two runs is written, and the file's compression is kept."""
+    h = harness()
+    out = str(tmp_path / f"steps_{compression}.h5")
+    ids, next_id = [], 0
+    for run_id, n in enumerate((2, 3, 1), start=1):
+        h.put(next_id)  # before the run: not its image
+        time.sleep(0.2)
+        start = h.start(out, n, run_id=run_id, append=True,
+                        compression=compression if run_id == 1 else None)
+        assert start["first_row"] == len(ids)
+        for image_id in range(next_id + 1, next_id + 1 + n):
+            h.put(image_id)
+            ids.append(image_id)
+        stop = h.events()[-1]
+        assert (stop["outcome"], stop["first_row"], stop["n_written"]) == (
+            "success", len(ids) - n, n)
+        next_id += n + 1
+    report = check_in_fresh_process(out, h.name, ids, [0] * len(ids))
+    assert ("32008" in report["filters"]) == (compression == "bitshuffle-lz4")
+    other = "none" if compression != "none" else "bitshuffle-lz4"
+    error = h.start(out, 1, run_id=9, until="error", append=True, compression=other)
+    assert f"its images are stored with {compression}" in error["message"]
+
+
+def test_append_refuses_a_file_that_is_not_this_detectors(harness, tmp_path):
+    h = harness()
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.create_dataset(f"{h.name}/data", shape=(3, 4, 4), dtype="<u2")
+    error = h.start(str(foreign), 1, until="error", append=True)
+    assert f"cannot append to {foreign}: it holds no extendible /{h.name}/data" in \
+        error["message"]
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    error = h.start(str(text), 1, run_id=2, until="error", append=True)
+    assert f"cannot append to {text}" in error["message"]
+    assert text.read_text() == "not hdf5" and foreign.exists()
+    link = tmp_path / "link.h5"
+    link.symlink_to(foreign)
+    error = h.start(str(link), 1, run_id=3, until="error", append=True)
+    assert "symbolic link" in error["message"]
 
 
 def test_several_records_in_one_message_are_all_written(harness, tmp_path):

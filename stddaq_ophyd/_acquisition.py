@@ -44,10 +44,10 @@ class StreamDocuments:
     """The stream documents of one file: one ``stream_resource``, then ``stream_datum``s
     whose indices count events (``join_method: stack``, one image per chunk)."""
 
-    def __init__(self, config: DetectorConfig, data_key: str, read_path: str):
+    def __init__(self, config: DetectorConfig, data_key: str, uri: str):
         height, width = config.image_shape
         self.resource = compose_stream_resource(
-            mimetype="application/x-hdf5", uri=f"file://localhost{read_path}",
+            mimetype="application/x-hdf5", uri=uri,
             data_key=data_key,
             parameters={"dataset": f"/{config.detector_name}/data",
                         "chunk_shape": [1, height, width], "join_method": "stack",

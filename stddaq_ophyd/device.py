@@ -119,8 +119,9 @@ class StdDaqDetector(Device):
         path = os.path.join(self.output_dir, file_name)
         self.acquisition.open_file(path)
         self._per_event = per_event
-        self._docs = StreamDocuments(self._config, self.image_key,
-                                     os.path.join(self.read_dir, file_name))
+        self._docs = StreamDocuments(
+            self._config, self.image_key,
+            f"file://localhost{os.path.join(self.read_dir, file_name)}")
         self.file_name.put(path)
 
     def _close_file(self) -> None:

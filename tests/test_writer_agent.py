@@ -249,6 +249,8 @@ def test_lost_images_make_a_partial_result(setup, tmp_path):
     ({"output_file": "{root}/x.h5", "n_images": 1, "user_id": "e1"}, "user_id: expected"),
     ({"output_file": "{root}/x.h5", "n_images": 1, "metadata": [1]}, "metadata: expected"),
     ({"output_file": "{root}/x.h5", "n_images": 1, "compression": "zip"}, "compression:"),
+    ({"output_file": "{root}/x.h5", "n_images": 1, "append": "yes"},
+     "append: expected true or false, got 'yes'"),
     ({"output_file": "{root}/missing/x.h5", "n_images": 1}, "directory .* does not exist"),
     ({"output_file": "{root}/x\0.h5", "n_images": 1}, "cannot hold a NUL character"),
     ({"output_file": "{root}/sub/", "n_images": 1}, "ends with '/': expected a file path"),

@@ -23,12 +23,14 @@ from typing import Any
 
 from event_model import DataKey
 from ophyd_async.core import (
+    AsyncStatus,
     DetectorAcquireLogic,
     DetectorDataLogic,
     DetectorTriggerLogic,
     DeviceConnector,
     NotConnectedError,
     PathProvider,
+    SignalR,
     StandardDetector,
     StreamableDataProvider,
     TriggerInfo,
@@ -39,6 +41,7 @@ from ophyd_async.core import (
 )
 
 from fastcore.config import DetectorConfig
+from fastcore.writer_protocol import MAX_IMAGES
 from services.daq_client import StdDaqError
 from stddaq_ophyd._acquisition import Acquisition, StreamDocuments, image_data_key
 from stddaq_ophyd.device import as_detector_config
@@ -52,7 +55,8 @@ class _Session:
         self.acquisition = acquisition
         self.rows, self._set_rows = soft_signal_r_and_setter(int, 0)
         self.mock = False
-        self.n_images = 1  # per acquisition, from the last prepare
+        self.collections_per_event = 1  # of the last prepare
+        self.events_to_acquire: SignalR[int] | None = None  # the detector's events_to_kickoff
         self.failed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         acquisition.add_rows_callback(self._on_rows)
@@ -66,13 +70,20 @@ class _Session:
         if loop is not None and not self.mock and not loop.is_closed():
             loop.call_soon_threadsafe(self._set_rows, rows)
 
+    async def n_images(self) -> int:
+        """Images of the next acquisition: the events to kick off (1 for a trigger) times
+        the collections per event; 0 events (endless) is std-daq's largest request."""
+        events = await self.events_to_acquire.get_value() if self.events_to_acquire else 1
+        return events * self.collections_per_event if events else MAX_IMAGES
+
     async def acquire(self) -> None:
         self.bind()
         self.failed.clear()
+        n_images = await self.n_images()
         if self.mock:
-            set_mock_value(self.rows, await self.rows.get_value() + self.n_images)
+            set_mock_value(self.rows, await self.rows.get_value() + n_images)
             return
-        run = await asyncio.to_thread(self.acquisition.acquire, self.n_images)
+        run = await asyncio.to_thread(self.acquisition.acquire, n_images)
         loop = self._loop
 
         def ended() -> None:
@@ -103,17 +114,14 @@ class _Session:
 
 
 class StdDaqTriggerLogic(DetectorTriggerLogic):
-    """Internal triggering only: std-daq takes the next ``num`` images the detector sends."""
-
-    def __init__(self, session: _Session):
-        self.session = session
+    """Internal triggering only: std-daq takes the next images the detector sends (how many
+    is decided per acquisition, from the events to kick off)."""
 
     async def prepare_internal(self, num: int, livetime: float, deadtime: float) -> None:
         if livetime or deadtime:
             raise ValueError(f"std-daq receives the detector's images and cannot set its "
                              f"exposure (livetime={livetime}, deadtime={deadtime}): set them "
                              "on the detector and prepare with 0")
-        self.session.n_images = num
 
     async def default_trigger_info(self) -> TriggerInfo:
         return TriggerInfo()
@@ -217,11 +225,18 @@ class StdDaqAsyncDetector(StandardDetector):
         self._session = _Session(acquisition)
         self.images_written = self._session.rows
         self.detector_name, _ = soft_signal_r_and_setter(str, config.detector_name)
-        self.add_detector_logics(StdDaqTriggerLogic(self._session),
+        self.add_detector_logics(StdDaqTriggerLogic(),
                                  StdDaqAcquireLogic(self._session),
                                  StdDaqDataLogic(self._session, path_provider))
         self.add_config_signals(self.detector_name)
         super().__init__(name=name, connector=StdDaqConnector(self._session))
+        self._session.events_to_acquire = self.events_to_kickoff
+
+    @AsyncStatus.wrap
+    async def prepare(self, value: TriggerInfo) -> None:
+        """As StandardDetector's; std-daq also needs the collections per event."""
+        self._session.collections_per_event = value.collections_per_event
+        await super().prepare(value)
 
     @property
     def acquisition(self) -> Acquisition:

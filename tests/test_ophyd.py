@@ -131,6 +131,8 @@ def test_scan_with_a_motor(daq):
     assert counts["event"] == 3 and counts["stream_datum"] == 3
     events = [doc for name, doc in docs if name == "event"]
     assert [round(e["data"]["motor"], 3) for e in events] == [-1.0, 0.0, 1.0]
+    with h5py.File(file_of(docs), "r") as f:
+        assert f[f"/{daq.config.detector_name}/data"].shape[0] == 3
 
 
 def test_count_with_several_images_per_trigger_writes_them_all(daq):

@@ -137,6 +137,32 @@ def test_fly_scan_and_tiled_read_back(stddaq, RE):
     det.acquisition.close()
 
 
+def test_two_kickoffs_of_one_prepare_write_their_events_into_one_file(stddaq, RE):
+    agent, _ = stddaq
+    det = make_detector(agent)
+
+    @bpp.stage_decorator([det])
+    @bpp.run_decorator()
+    def plan():
+        yield from bps.prepare(det, TriggerInfo(number_of_events=10, collections_per_event=2),
+                               wait=True)
+        yield from bps.declare_stream(det, name="primary", collect=True)
+        for events in (4, 6):
+            yield from bps.mv(det.events_to_kickoff, events)
+            yield from bps.kickoff(det, wait=True)
+            yield from bps.complete(det, wait=True)
+            yield from bps.collect(det, name="primary")
+
+    docs = run(RE, plan())
+    validate(docs)
+    datums = [doc for kind, doc in docs if kind == "stream_datum"]
+    assert [(d["indices"]["start"], d["indices"]["stop"]) for d in datums] == [(0, 4), (4, 10)]
+    images, ids = rows_of(file_of(docs), agent.config.detector_name)
+    assert images.shape[0] == 20  # 10 events of 2 images
+    assert np.all(np.diff(ids[:8]) == 1) and np.all(np.diff(ids[8:]) == 1)
+    det.acquisition.close()
+
+
 def test_a_refused_request_is_a_clear_exception(stddaq, RE, tmp_path):
     agent, _ = stddaq
     outside = tmp_path / "outside"  # exists, but not below the detector's output root

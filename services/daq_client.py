@@ -123,8 +123,15 @@ class DaqClient:
     """Write requests to one writer agent (``writer_service``) and their progress."""
 
     def __init__(self, writer_service: str, broker_host: str = "127.0.0.1",
-                 redis_client: redis.Redis | None = None, broker_port: int = AMQP_PORT):
+                 redis_client: redis.Redis | None = None, broker_port: int = AMQP_PORT,
+                 *, status_listener: Callable[[str | None, Any, dict], None] | None = None,
+                 progress_listener: Callable[[dict], None] | None = None):
+        """``status_listener(request_id, request, headers)`` and ``progress_listener``
+        (progress dict) see every status and progress of the writer agent, whoever sent
+        the request (a dashboard's view)."""
         self.writer_service = writer_service
+        self.status_listener = status_listener
+        self.progress_listener = progress_listener
         host, port = parse_broker_url(broker_host)  # "host:port" is understood as such
         self.broker_host = host
         self.broker_port = port if broker_port == AMQP_PORT else broker_port
@@ -204,6 +211,15 @@ class DaqClient:
             raise StdDaqError(f"writer agent {self.writer_service} did not end request "
                            f"{run.request_id} within {timeout:g} s after the kill")
 
+    def kill_request(self, request_id: str, timeout: float = 10.0) -> None:
+        """Send a kill for any request of the writer agent (also one another client sent)."""
+        self.start()
+        try:
+            self._broker.wait_ready(timeout)
+            self._broker.kill_request(self.writer_service, request_id, timeout=timeout)
+        except (BrokerError, TimeoutError) as exc:
+            raise StdDaqError(f"kill of request {request_id} not sent: {exc}") from None
+
     def _forget(self, run: WriteRun) -> None:
         with self._lock:
             self._runs.pop(run.request_id, None)
@@ -221,13 +237,17 @@ class DaqClient:
             run._finish(action == ACTION_REQUEST_FAIL, message)
             self._forget(run)
 
-    def _on_status(self, request_id: str | None, _request: Any, headers: dict) -> None:
+    def _on_status(self, request_id: str | None, request: Any, headers: dict) -> None:
+        if self.status_listener is not None and headers.get("source") == self.writer_service:
+            self.status_listener(request_id, request, headers)
         with self._lock:
             run = self._runs.get(request_id) if request_id else None
         if run is not None and headers.get("source") == self.writer_service:
             self._apply(run, headers.get("action"), headers.get("message"))
 
     def _on_progress(self, progress: dict) -> None:
+        if self.progress_listener is not None:
+            self.progress_listener(progress)
         with self._lock:
             run = self._runs.get(progress.get("request_id"))
         rows = progress.get("n_rows")

@@ -14,6 +14,7 @@ import h5py
 import pika
 import pytest
 import redis
+from std_daq_client import StdDaqClient
 
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
@@ -35,11 +36,13 @@ def launched(make_config, ipc_dir, tmp_path):
     # an idle machine, 2-3 s under the test suite's load) to find its frames still there
     path, raw = make_config("jungfrau_1m.json", output_root=str(out_dir),
                             n_image_slots=200, n_frame_slots=160)
+    rest_port = free_tcp_port()
     launcher = Proc(module_cmd("services.cli.run", str(path), "--simulate", "40",
                                "--ioc-prefix", f"T{uuid.uuid4().hex[:6]}:", "--ioc-port",
-                               str(free_tcp_port()), "--ipc-dir", ipc_dir,
-                               "--log-dir", str(tmp_path / "logs")),
+                               str(free_tcp_port()), "--rest-port", str(rest_port),
+                               "--ipc-dir", ipc_dir, "--log-dir", str(tmp_path / "logs")),
                     tmp_path / "launcher.log")
+    launcher.rest_url = f"http://127.0.0.1:{rest_port}"
     client = None
     try:
         launcher.wait_for("ready: std-daq", 90)
@@ -66,7 +69,7 @@ def pid_of(launcher: Proc, service: str) -> int:
 def test_launcher_runs_a_whole_daq_and_stops_cleanly(launched):
     launcher, client, config, out_dir, logs = launched
     for service in ("udp-recv", "sync", "assembler", "h5-writer", "writer-agent", "ioc",
-                    "simulator"):
+                    "rest", "simulator"):
         assert (logs / f"{service}.log").exists(), service
         os.kill(pid_of(launcher, service), 0)  # running
     run = client.start_write({"output_file": str(out_dir / "run.h5"), "n_images": 20},
@@ -76,6 +79,15 @@ def test_launcher_runs_a_whole_daq_and_stops_cleanly(launched):
     with h5py.File(out_dir / "run.h5", "r") as f:
         assert f[config.detector_name]["data"].shape == (20, *config.image_shape)
         assert list(f[config.detector_name]["status"]) == [0] * 20
+    # the same through the REST interface, with PSI's client, from simulated UDP to file
+    rest = StdDaqClient(url_base=launcher.rest_url)
+    finished = rest.start_writer_sync({"output_file": str(out_dir / "rest.h5"),
+                                       "n_images": 15})
+    assert finished["acquisition"]["stats"]["n_write_completed"] == 15
+    assert finished["acquisition"]["message"] == "Completed."
+    assert rest.get_stats()["detector"]["images_per_second"] > 0
+    with h5py.File(out_dir / "rest.h5", "r") as f:
+        assert list(f[config.detector_name]["status"]) == [0] * 15
 
 
 def test_a_udp_port_in_use_is_named_as_the_cause(make_config, ipc_dir, tmp_path):

@@ -2,9 +2,9 @@
 
 Starts, in order, each after the previous one is ready: the UDP receivers, sync, assembler,
 HDF5 writer, writer agent (service ``<detector>.writer``), the Epics buffer and writer when
-an Epics config is given, the IOC, and the simulator when asked. A service that crashes is
-restarted with a log line; Ctrl-C or SIGTERM stops everything, in reverse order, by pid,
-and no process or shared-memory segment is left behind.
+an Epics config is given, the IOC, the REST interface and the simulator when asked. A
+service that crashes is restarted with a log line; Ctrl-C or SIGTERM stops everything, in
+reverse order, by pid, and no process or shared-memory segment is left behind.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class LaunchOptions:
     broker_host: str = "127.0.0.1"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
+    rest_port: int | None = None
 
 
 def service_specs(config_path: str, options: LaunchOptions) -> list[ServiceSpec]:
@@ -75,6 +76,12 @@ def service_specs(config_path: str, options: LaunchOptions) -> list[ServiceSpec]
         if options.epics_config:
             ioc += ["--epics-buffer-service", f"{name}.epics_buffer"]
         specs.append(ServiceSpec("ioc", ioc))
+    if options.rest_port:
+        specs.append(ServiceSpec("rest", [
+            *py, "services.rest.server", config_path, "--port", str(options.rest_port),
+            "--writer-service", f"{name}.writer", "--broker-host", options.broker_host,
+            "--redis-host", options.redis_host, "--redis-port", str(options.redis_port),
+            *common]))
     if options.simulate_hz:
         specs.append(ServiceSpec("simulator", [*py, "fastcore.simulator", config_path,
                                                "--frames", "0", "--rate",
@@ -150,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ioc-prefix", default=None, help="also run the IOC with this prefix")
     parser.add_argument("--ioc-port", type=int, default=None,
                         help="CA server port of the IOC (EPICS_CA_SERVER_PORT)")
+    parser.add_argument("--rest-port", type=int, default=None, metavar="PORT",
+                        help="also serve the REST admin interface (std_daq_client) on "
+                        "127.0.0.1:PORT (the original's is 5000)")
     parser.add_argument("--epics-config", default=None,
                         help="Epics buffer/writer config JSON (pv_list, pulse_id_pv, ...)")
     parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                         "%(message)s")
     options = LaunchOptions(args.ipc_dir, args.log_dir, args.simulate, args.ioc_prefix,
                             args.ioc_port, args.epics_config, args.broker_host,
-                            args.redis_host, args.redis_port)
+                            args.redis_host, args.redis_port, args.rest_port)
     try:
         launcher = Launcher(args.config, options)
     except ConfigError as exc:

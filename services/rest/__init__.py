@@ -1,0 +1,1 @@
+"""std-daq's REST admin interface (``stddaq-rest``)."""

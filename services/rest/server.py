@@ -1,0 +1,98 @@
+"""stddaq-rest: std-daq's REST admin interface for one detector (FastAPI on uvicorn).
+
+A front end like the IOC and the Ophyd devices: writes go to the writer agent over
+RabbitMQ, progress and statuses come back over Redis and the broker. It binds 127.0.0.1
+unless told otherwise; the ``ready:`` line is logged once the socket listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from fastcore.config import ConfigError, load_config
+from fastcore.process import DEFAULT_IPC_DIR
+from services.rest.app import create_app
+from services.rest.backend import RestBackend
+
+log = logging.getLogger("stddaq-rest")
+DEFAULT_PORT = 5000  # the original's
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (uvicorn serves on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stddaq-rest",
+        description="Serve std-daq's REST admin interface (std_daq_client 1.3.5) for one "
+        "detector: writes through its writer agent, writer status, stats, logs, config.")
+    parser.add_argument("config", help="detector config JSON")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"TCP port (default {DEFAULT_PORT}, as the original)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--writer-service", default=None,
+                        help="service name of the writer agent (default: <detector>.writer)")
+    parser.add_argument("--broker-host", default=os.environ.get("BROKER_HOST", "127.0.0.1"))
+    parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
+    parser.add_argument("--redis-port", type=int, default=6379)
+    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(levelname)s %(asctime)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config)
+        with open(args.config) as config_file:
+            raw_config = json.load(config_file)
+        sock = listening_socket(args.host, args.port)
+    except (ConfigError, OSError) as exc:
+        print(f"stddaq-rest: error: {exc}", file=sys.stderr)
+        return 1
+    backend = RestBackend(config, raw_config,
+                          args.writer_service or f"{config.detector_name}.writer",
+                          args.broker_host, args.redis_host, args.redis_port, args.ipc_dir)
+    backend.start()
+    app = create_app(backend)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        log.info("ready: REST admin interface of %s on http://%s:%d (writer agent %s)",
+                 config.detector_name, args.host, args.port, backend.writer_service)
+        yield
+
+    app.router.lifespan_context = lifespan
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn shuts down on them, then passes
+        signal.signal(sig, lambda *_: None)     # them on: to these, so the exit is clean
+    try:
+        server.run(sockets=[sock])
+    finally:
+        backend.close()
+        sock.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

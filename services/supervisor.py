@@ -101,6 +101,21 @@ class Supervisor:
             restarted.append(service.spec.name)
         return restarted
 
+    def restart(self, specs: list[ServiceSpec]) -> None:
+        """Stop the services named in ``specs`` (in reverse order), then start them again
+        with these specs, in order, each after the previous one is ready."""
+        by_name = {spec.name: spec for spec in specs}
+        targets = [service for service in self.services if service.spec.name in by_name]
+        for service in reversed(targets):
+            if service.process is not None:
+                code = service.process.stop()
+                log.info("%s stopped for a new config (exit code %s)", service.spec.name,
+                         code)
+        for service in targets:
+            service.spec = by_name[service.spec.name]
+            service.restarts, service.given_up, service.next_start = [], False, 0.0
+            self._launch(service)
+
     def stop(self) -> list[int]:
         """Stop everything in reverse order; returns the processes that had to be killed."""
         leftovers = []

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import h5py
 import pika
 import pytest
 import redis
-from std_daq_client import StdDaqClient
+from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
@@ -30,8 +33,9 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def launched(make_config, ipc_dir, tmp_path):
-    out_dir = tmp_path / "data"
-    out_dir.mkdir()
+    # below /tmp, not pytest's 0700 tree: a writer_user_id other than root must reach it
+    out_dir = Path(tempfile.mkdtemp(prefix="stddaq-launched-", dir="/tmp"))
+    os.chmod(out_dir, 0o755)
     # 160 frame slots = 4 s at 40 Hz: enough for a restarted Python service (about 1 s on
     # an idle machine, 2-3 s under the test suite's load) to find its frames still there
     path, raw = make_config("jungfrau_1m.json", output_root=str(out_dir),
@@ -57,6 +61,11 @@ def launched(make_config, ipc_dir, tmp_path):
         channel = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1")).channel()
         channel.queue_delete(request_queue_name(f"{raw['detector_name']}.writer"))
         channel.connection.close()
+        store = redis.Redis("127.0.0.1", 6379)
+        for key in [*store.scan_iter(f"stddaq.config.{raw['detector_name']}*"),
+                    f"stddaq.log.{raw['detector_name']}.writer"]:
+            store.delete(key)
+        shutil.rmtree(out_dir, ignore_errors=True)
     assert code == 0, launcher.output[-3000:]
     assert "stopped" in launcher.output
 
@@ -88,6 +97,55 @@ def test_launcher_runs_a_whole_daq_and_stops_cleanly(launched):
     assert rest.get_stats()["detector"]["images_per_second"] > 0
     with h5py.File(out_dir / "rest.h5", "r") as f:
         assert list(f[config.detector_name]["status"]) == [0] * 15
+
+
+def test_a_bec_scan_with_a_config_change_through_rest(launched):
+    """The sequence a BEC std-daq device runs around a scan, with PSI's client: stop_writer;
+    get_config; set_config with a writer_user_id (stddaq-run restarts the services with
+    it); poll READY; start_writer_async; WAITING/ACQUIRING_IMAGES; FINISHED with every
+    image; stop_writer -> the file holds them, owned by that user id."""
+    launcher, _, config, out_dir, _ = launched
+    rest = StdDaqClient(url_base=launcher.rest_url)
+    rest.stop_writer()
+    assert rest.get_config()["detector_name"] == config.detector_name
+    before = rest.get_deployment_status()  # stddaq-run published the config it runs
+    assert before["status"] == "SUCCESS", before
+    applied = rest.set_config({"writer_user_id": 4242})
+    assert applied["writer_user_id"] == 4242
+    deployment = wait_for(lambda: (d := rest.get_deployment_status())["config_id"]
+                          != before["config_id"] and d["status"] in ("SUCCESS", "ERROR")
+                          and d, 90)
+    assert deployment["status"] == "SUCCESS", deployment
+    assert set(deployment["servers"].values()) == {"Done"}
+    assert "deploying a new config" in launcher.output
+    assert rest.get_config()["writer_user_id"] == 4242
+    wait_for(lambda: rest.get_status()["state"] == "READY", 60)
+    os.chmod(out_dir, 0o777)  # the new owner writes there
+    out = str(out_dir / "bec.h5")
+    status = rest.start_writer_async({"output_file": out, "n_images": 10})
+    assert status["acquisition"]["state"] in ("WAITING_IMAGES", "ACQUIRING_IMAGES")
+    done = wait_for(lambda: (s := rest.get_status())["acquisition"]["state"] == "FINISHED"
+                    and s, 60)
+    assert done["acquisition"]["stats"]["n_write_completed"] == 10
+    rest.stop_writer()
+    with h5py.File(out, "r") as f:
+        assert f[config.detector_name]["data"].shape[0] == 10
+    if os.geteuid() == 0:
+        assert os.stat(out).st_uid == 4242
+    with pytest.raises(StdDaqAdminException, match="bit_depth"):
+        rest.set_config({"bit_depth": 13})
+    with pytest.raises(StdDaqAdminException, match="output_root: set by the operator"):
+        rest.set_config({"output_root": "/"})
+
+
+def wait_for(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s")
 
 
 def test_a_udp_port_in_use_is_named_as_the_cause(make_config, ipc_dir, tmp_path):

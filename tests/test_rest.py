@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import redis
 import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
@@ -44,6 +45,10 @@ def rest(make_config, ipc_dir, tmp_path):
         code = server.stop()
         detector.stop()
         agent.close()
+        store = redis.Redis("127.0.0.1", 6379)
+        for key in [*store.scan_iter(f"stddaq.config.{agent.config.detector_name}*"),
+                    f"stddaq.log.{agent.service}"]:
+            store.delete(key)
     assert code == 0, server.output
 
 
@@ -145,8 +150,12 @@ def test_bad_bodies_and_config_changes_are_refused_naming_the_field(rest):
     assert answer["status"] == "error" and "n_logs" in answer["message"]
     with pytest.raises(StdDaqAdminException, match="bit_depth"):
         client.set_config({"bit_depth": 13})
-    with pytest.raises(StdDaqAdminException, match="cannot apply configs yet"):
-        client.set_config({"writer_user_id": 0})
+    with pytest.raises(StdDaqAdminException, match="detector_name: cannot change"):
+        client.set_config({"detector_name": "OTHER"})
+    assert client.get_deployment_status()["status"] == "UNKNOWN"  # nothing published yet
+    assert client.set_config({"writer_user_id": 0})["writer_user_id"] == 0
+    waiting = client.get_deployment_status()  # no stddaq-run here to deploy it
+    assert (waiting["status"], waiting["message"]) == ("UNKNOWN", "Waiting for servers...")
 
 
 def test_console_scripts(rest):

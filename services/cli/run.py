@@ -10,6 +10,8 @@ reverse order, by pid, and no process or shared-memory segment is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -20,16 +22,30 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import segment_alive, shm_dir, shm_name
-from fastcore.config import ConfigError, load_config
+from fastcore.config import ConfigError, load_config, parse_config
 from fastcore.names import Segment
 from fastcore.process import DEFAULT_IPC_DIR
 from services.broker.address import parse_broker_url
+from services.deployment import (
+    DEPLOYING,
+    DONE,
+    ERROR_PREFIX,
+    config_stream,
+    latest_config,
+    publish_config,
+    report,
+)
+from services.startup import redis_client
 from services.supervisor import ServiceSpec, Supervisor
 
 log = logging.getLogger("stddaq-run")
 BROKER_CHECK_S = 3.0  # how long stddaq-run waits for RabbitMQ to accept a connection
+# the services that read the detector config: a deployed config restarts them
+CONFIG_READERS = ("udp-recv", "sync", "assembler", "h5-writer", "writer-agent", "simulator")
 
 
 @dataclass
@@ -138,9 +154,77 @@ class Launcher:
                 log.warning("removing shared memory %s left by a killed service", entry)
                 os.unlink(os.path.join(directory, entry))
 
-    def supervise(self, stop: threading.Event) -> None:
+    def supervise(self, stop: threading.Event, deployments: ConfigDeployments | None = None
+                  ) -> None:
         while not stop.wait(0.5):
             self.supervisor.check()
+            if deployments is not None:
+                deployments.poll(self)
+
+    def apply_config(self, raw: dict) -> None:
+        """Restart the services that read the detector config with ``raw`` (ConfigError
+        when it is not valid; RuntimeError when a service does not come back)."""
+        config = parse_config(raw, source="the deployed config")
+        path = self.log_dir / f"{config.detector_name}.deployed.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(raw, indent=2))
+        temporary.replace(path)
+        specs = [spec for spec in service_specs(str(path), self.options)
+                 if spec.name in CONFIG_READERS]
+        log.info("deploying a new config: restarting %s; buffers: %s",
+                 ", ".join(spec.name for spec in specs), config.buffer_plan().describe())
+        self.config = config
+        self.supervisor.restart(specs)
+
+
+class ConfigDeployments:
+    """Applies the detector configs the REST interface publishes (services.deployment) and
+    reports each one's progress under this host's name."""
+
+    def __init__(self, client: redis.Redis, raw_config: dict):
+        self.client = client
+        self.detector_name = raw_config["detector_name"]
+        self.server_name = socket.gethostname()
+        self.running = raw_config
+        self._warned = False
+        latest = latest_config(client, self.detector_name)
+        if latest is None or latest[1] != raw_config:  # what runs is what the REST shows
+            self.last_id = publish_config(client, raw_config)
+            report(client, self.detector_name, self.last_id, self.server_name, DONE)
+        else:
+            self.last_id = latest[0]
+
+    def poll(self, launcher: Launcher) -> None:
+        try:
+            entries = self.client.xread({config_stream(self.detector_name): self.last_id},
+                                        count=1)
+            self._warned = False
+        except redis.RedisError as exc:
+            if not self._warned:
+                log.warning("cannot follow config deployments (Redis: %s); retrying", exc)
+                self._warned = True
+            return
+        for _, messages in entries:
+            for entry_id, fields in messages:
+                self.last_id = entry_id.decode()
+                self._deploy(launcher, json.loads(fields[b"json"]))
+
+    def _deploy(self, launcher: Launcher, raw: dict) -> None:
+        report(self.client, self.detector_name, self.last_id, self.server_name, DEPLOYING)
+        try:
+            launcher.apply_config(raw)
+        except (ConfigError, RuntimeError, OSError) as exc:
+            reason = str(exc).splitlines()[0]
+            log.error("config %s not deployed: %s; going back to the previous one",
+                      self.last_id, reason)
+            report(self.client, self.detector_name, self.last_id, self.server_name,
+                   f"{ERROR_PREFIX}: {reason}")
+            with contextlib.suppress(ConfigError, RuntimeError, OSError):
+                launcher.apply_config(self.running)
+            return
+        self.running = raw
+        report(self.client, self.detector_name, self.last_id, self.server_name, DONE)
+        log.info("config %s deployed", self.last_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,10 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"stddaq-run: error: a service did not start: {exc}", file=sys.stderr)
         return 1
+    try:
+        with open(args.config) as config_file:
+            deployments = ConfigDeployments(redis_client(args.redis_host, args.redis_port),
+                                            json.load(config_file))
+    except (redis.RedisError, OSError, ValueError) as exc:
+        log.warning("configs deployed through the REST interface will not be applied: %s",
+                    exc)
+        deployments = None
     log.info("ready: std-daq for %s running; logs in %s; Ctrl-C stops it",
              launcher.config.detector_name, launcher.log_dir)
     try:
-        launcher.supervise(stop)
+        launcher.supervise(stop, deployments)
     finally:
         launcher.stop()
         log.info("stopped")

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
-from fastcore.config import ConfigError, parse_config
+from fastcore.config import ConfigError
 from services.daq_client import StdDaqError
 from services.requests import RequestError
 from services.rest.backend import RestBackend
@@ -85,21 +85,26 @@ def create_app(backend: RestBackend) -> FastAPI:
 
     @app.get("/daq/config")
     async def get_config() -> dict:
-        return ok(f"DAQ configured for bit_depth={backend.raw_config.get('bit_depth')}.",
-                  config=backend.raw_config)
+        def work() -> dict:
+            config_id, config = backend.current_config()
+            return ok(f"DAQ configured for bit_depth={config.get('bit_depth')}.",
+                      config=config, config_id=config_id)
+
+        return await _answer(work)
 
     @app.post("/daq/config")
     async def set_config(request: Request) -> dict:
         try:
             changes = await _json_body(request)
-            if not isinstance(changes, dict):
-                raise RequestError(f"config: expected a JSON object, got "
-                                   f"{type(changes).__name__}")
-            parse_config({**backend.raw_config, **changes}, source="the new config")
-        except (RequestError, ConfigError) as exc:
+        except RequestError as exc:
             return error(str(exc))
-        return error("the new config is valid, but this stddaq-rest cannot apply configs "
-                     "yet: write it to the detector config file and restart stddaq-run")
+        return await _answer(lambda: ok("Setting new daq config.",
+                                        config=backend.set_config(changes)))
+
+    @app.get("/daq/deployment")
+    async def get_deployment() -> dict:
+        return await _answer(lambda: ok("Last config deployment.",
+                                        deployment=backend.deployment()))
 
     @app.get("/daq/stats")
     async def get_stats() -> dict:

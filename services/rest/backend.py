@@ -3,6 +3,7 @@ the broker, like every front end), the writer's status, rates, the acquisition l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -12,8 +13,14 @@ from typing import Any
 import numpy as np
 import redis
 
-from fastcore.config import DetectorConfig
+from fastcore.config import ConfigError, DetectorConfig, parse_config
 from services.daq_client import DaqClient, StdDaqError
+from services.deployment import (
+    deployment_status,
+    latest_config,
+    merged_config,
+    publish_config,
+)
 from services.image_stats import ImageFollower
 from services.requests import RequestError
 from services.rest.writer_status import WriterStatus
@@ -78,7 +85,8 @@ class RestBackend:
                                 status_listener=self.writer.on_status,
                                 progress_listener=self.writer.on_progress)
         self.images = ImageFollower(config.detector_name, ipc_dir)
-        self.image_bytes = int(np.prod(config.image_shape)) * config.image_dtype.itemsize
+        self.image_bytes = 0
+        self._image_bytes_of(raw_config)
         self.rates = {"detector": {"bytes_per_second": 0.0, "images_per_second": 0.0},
                       "writer": {"bytes_per_second": 0.0, "images_per_second": 0.0}}
         self._stop = threading.Event()
@@ -100,6 +108,8 @@ class RestBackend:
         last_images, last_rows, last_at = self.images.stats.counter, 0, time.monotonic()
         while not self._stop.wait(1.0):
             self.writer.agent_alive = self._agent_alive()
+            with contextlib.suppress(redis.RedisError, ConfigError, ValueError):
+                self._image_bytes_of(self.current_config()[1])
             now = time.monotonic()
             images, rows = self.images.stats.counter, self.writer.rows_total
             elapsed = max(now - last_at, 1e-3)
@@ -111,6 +121,10 @@ class RestBackend:
                 "writer": {"bytes_per_second": row_rate * self.image_bytes,
                            "images_per_second": row_rate}}
             last_images, last_rows, last_at = images, rows, now
+
+    def _image_bytes_of(self, raw: dict) -> None:
+        config = parse_config(raw) if raw is not self.raw_config else self.config
+        self.image_bytes = int(np.prod(config.image_shape)) * config.image_dtype.itemsize
 
     def _agent_alive(self) -> bool:
         try:
@@ -161,6 +175,23 @@ class RestBackend:
                                       f"{STOP_WAIT_S:g} s of the stop")
                 time.sleep(0.05)
         return self.writer.status()
+
+    # --- config -------------------------------------------------------------------------
+    def current_config(self) -> tuple[str | None, dict]:
+        """(config_id, config): the newest deployed one, else the file's."""
+        latest = latest_config(self.redis, self.config.detector_name)
+        return latest if latest is not None else (None, self.raw_config)
+
+    def set_config(self, changes: Any) -> dict:
+        """Validate the current config with ``changes`` and publish it; every stddaq-run of
+        the detector restarts its services with it (see ``deployment``)."""
+        _, current = self.current_config()
+        config = merged_config(current, changes)
+        publish_config(self.redis, config)
+        return config
+
+    def deployment(self) -> dict:
+        return deployment_status(self.redis, self.config.detector_name)
 
     # --- log ----------------------------------------------------------------------------
     def _log_acquisition(self, acquisition: dict) -> None:

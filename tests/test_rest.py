@@ -199,3 +199,42 @@ def test_without_a_writer_agent_the_state_is_unknown_and_writes_fail_clearly(tmp
         code = server.stop()
     assert code == 0, server.output
     assert "stopped" in server.output
+
+
+def test_an_api_key_protects_every_change(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    port = free_tcp_port()
+    server = Proc(module_cmd("services.rest.server", "configs/jungfrau_1m.json", "--port",
+                             str(port), "--writer-service", "t.absent.writer",
+                             "--api-key-file", str(key_file)), tmp_path / "rest.log")
+    url = f"http://127.0.0.1:{port}"
+    write = {"output_file": str(tmp_path / "x.h5"), "n_images": 1}
+    try:
+        server.wait_for("ready:")
+        assert "changes need the API key" in server.output
+        assert StdDaqClient(url).get_status()["state"] == "UNKNOWN"  # reading needs no key
+        with pytest.raises(StdDaqAdminException, match="requires its key for changes"):
+            StdDaqClient(url).start_writer_async(write)
+        with pytest.raises(StdDaqAdminException, match="requires its key for changes"):
+            StdDaqClient(url).set_config({"writer_user_id": 0})
+        with pytest.raises(StdDaqAdminException, match="api key: wrong key"):
+            StdDaqClient(f"{url}/key/guess").stop_writer()
+        keyed = StdDaqClient(f"{url}/key/s3cret")
+        assert keyed.get_status()["state"] == "UNKNOWN"
+        with pytest.raises(StdDaqAdminException, match=r"writer agent t\.absent\.writer"):
+            keyed.start_writer_async(write)  # past the key check: the agent is absent
+        answer = requests.post(f"{url}/writer/stop", json={}, timeout=5,
+                               headers={"X-API-Key": "s3cret"}).json()
+        assert answer["status"] == "ok"
+    finally:
+        code = server.stop()
+    assert code == 0, server.output
+    open_bind = subprocess.run(module_cmd("services.rest.server", "configs/jungfrau_1m.json",
+                                          "--host", "0.0.0.0", "--port", str(port)),
+                               capture_output=True, text=True, timeout=60,
+                               env={k: v for k, v in os.environ.items()
+                                    if k != "STDDAQ_REST_API_KEY"})
+    assert open_bind.returncode == 1
+    assert "--host 0.0.0.0 is reachable from other machines: give an API key" in \
+        open_bind.stderr

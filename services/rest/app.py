@@ -4,12 +4,14 @@ calls them: every answer is HTTP 200 ``{"status": "ok", "message": ..., <payload
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from fastcore.config import ConfigError
@@ -52,9 +54,48 @@ async def _answer(work: Callable[[], dict]) -> dict:
         return error(f"internal error: {type(exc).__name__}: {exc}")
 
 
-def create_app(backend: RestBackend) -> FastAPI:
+KEY_PREFIX = "/key/"
+KEY_HEADER = "x-api-key"
+
+
+class ApiKeyMiddleware:
+    """With an API key, every request that changes something (any method but GET) must
+    carry it: as the path prefix ``/key/<KEY>`` (std_daq_client cannot send headers: give
+    it ``url_base="http://host:port/key/<KEY>"``) or the ``X-API-Key`` header."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.api_key:
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        given = None
+        if path.startswith(KEY_PREFIX):
+            given, _, rest = path[len(KEY_PREFIX):].partition("/")
+            scope = dict(scope, path="/" + rest, raw_path=("/" + rest).encode())
+        else:
+            headers = dict(scope.get("headers") or [])
+            raw = headers.get(KEY_HEADER.encode())
+            given = raw.decode(errors="replace") if raw is not None else None
+        if given is not None and not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            await JSONResponse(error("api key: wrong key"))(scope, receive, send)
+            return
+        if given is None and scope["method"] != "GET":
+            await JSONResponse(error(
+                "api key: this stddaq-rest requires its key for changes: use "
+                "http://<host>:<port>/key/<KEY> as the client's url_base, or the X-API-Key "
+                "header"))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(backend: RestBackend, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="stddaq REST", description="std-daq's admin interface "
                   "(std_daq_client 1.3.5 compatible)")
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.post("/writer/write_async")
     async def write_async(request: Request) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -25,6 +26,27 @@ from services.rest.backend import RestBackend
 
 log = logging.getLogger("stddaq-rest")
 DEFAULT_PORT = 5000  # the original's
+API_KEY_ENV = "STDDAQ_REST_API_KEY"
+
+
+def read_api_key(path: str | None) -> str | None:
+    """The API key from ``path`` (stripped) or the environment; None when neither."""
+    if path:
+        with open(path) as key_file:
+            key = key_file.read().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {path} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -51,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"TCP port (default {DEFAULT_PORT}, as the original)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--api-key-file", default=None, metavar="PATH",
+                        help="file holding the API key that requests changing anything must "
+                        f"carry (or the environment variable {API_KEY_ENV}); required when "
+                        "binding an address other than loopback")
     parser.add_argument("--writer-service", default=None,
                         help="service name of the writer agent (default: <detector>.writer)")
     parser.add_argument("--broker-host", default=os.environ.get("BROKER_HOST", "127.0.0.1"))
@@ -62,23 +88,29 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(asctime)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     try:
+        api_key = read_api_key(args.api_key_file)
+        if not api_key and not is_loopback(args.host):
+            raise ValueError(f"--host {args.host} is reachable from other machines: give an "
+                             f"API key (--api-key-file or {API_KEY_ENV}), or anyone who "
+                             "reaches it could start writes and change the config")
         config = load_config(args.config)
         with open(args.config) as config_file:
             raw_config = json.load(config_file)
         sock = listening_socket(args.host, args.port)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, ValueError) as exc:
         print(f"stddaq-rest: error: {exc}", file=sys.stderr)
         return 1
     backend = RestBackend(config, raw_config,
                           args.writer_service or f"{config.detector_name}.writer",
                           args.broker_host, args.redis_host, args.redis_port, args.ipc_dir)
     backend.start()
-    app = create_app(backend)
+    app = create_app(backend, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        log.info("ready: REST admin interface of %s on http://%s:%d (writer agent %s)",
-                 config.detector_name, args.host, args.port, backend.writer_service)
+        log.info("ready: REST admin interface of %s on http://%s:%d (writer agent %s; %s)",
+                 config.detector_name, args.host, args.port, backend.writer_service,
+                 "changes need the API key" if api_key else "no API key")
         yield
 
     app.router.lifespan_context = lifespan

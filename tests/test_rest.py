@@ -238,3 +238,67 @@ def test_an_api_key_protects_every_change(tmp_path):
     assert open_bind.returncode == 1
     assert "--host 0.0.0.0 is reachable from other machines: give an API key" in \
         open_bind.stderr
+
+
+def test_live_image_follows_the_detector(rest):
+    from io import BytesIO
+
+    from PIL import Image
+
+    _, _, url = rest
+    first = requests.get(f"{url}/daq/live/image", params={"cmap": "hot", "size": 256},
+                         timeout=10)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    picture = Image.open(BytesIO(first.content))
+    assert picture.mode == "RGB" and max(picture.size) <= 256
+    time.sleep(0.3)  # the free-running detector moved on
+    second = requests.get(f"{url}/daq/live/image", timeout=10)
+    assert int(second.headers["X-Image-Id"]) > int(first.headers["X-Image-Id"])
+    bad = requests.get(f"{url}/daq/live/image", params={"cmap": "rainbow"}, timeout=10)
+    assert bad.status_code == 400 and "cmap: expected one of gray, hot, viridis" in \
+        bad.json()["message"]
+    with requests.get(f"{url}/daq/live", stream=True, timeout=10) as stream:
+        assert stream.headers["content-type"].startswith("multipart/x-mixed-replace")
+        head = next(stream.iter_content(4096))
+    assert b"Content-Type: image/jpeg" in head and b"\xff\xd8" in head
+    refused = requests.post(f"{url}/simulation/start", json={"rate_hz": 10}, timeout=10)
+    assert "images are already arriving" in refused.json()["message"]
+
+
+def test_simulation_start_stop(make_config, tmp_path):
+    import socket
+
+    path, raw = make_config("jungfrau_1m.json")
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", raw["start_udp_port"]))
+    receiver.settimeout(5)
+    port = free_tcp_port()
+    server = Proc(module_cmd("services.rest.server", str(path), "--port", str(port),
+                             "--writer-service", "t.absent.writer"), tmp_path / "rest.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_for("ready:")
+        answer = requests.post(f"{url}/simulation/start", json={"rate_hz": 0}, timeout=10)
+        assert "rate_hz: expected frames per second > 0" in answer.json()["message"]
+        started = requests.post(f"{url}/simulation/start", json={"rate_hz": 20},
+                                timeout=10).json()
+        assert started["status"] == "ok", started
+        assert started["simulation"]["running"] and started["simulation"]["rate_hz"] == 20
+        assert len(receiver.recv(9000)) > 48  # the simulator's packets reach module 0
+        again = requests.post(f"{url}/simulation/start", json={}, timeout=10).json()
+        assert "the simulator already runs" in again["message"]
+        stopped = requests.post(f"{url}/simulation/stop", timeout=10).json()
+        assert stopped["simulation"]["running"] is False
+        assert requests.get(f"{url}/simulation/status", timeout=10).json()[
+            "simulation"]["running"] is False
+    finally:
+        receiver.close()
+        code = server.stop()
+    assert code == 0, server.output
+    assert not list(Path(tempfile_dir()).glob("stddaq-sim-*")), "simulator files left"
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()

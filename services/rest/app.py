@@ -4,6 +4,7 @@ calls them: every answer is HTTP 200 ``{"status": "ok", "message": ..., <payload
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -11,16 +12,19 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from fastcore.config import ConfigError
 from services.daq_client import StdDaqError
 from services.requests import RequestError
 from services.rest.backend import RestBackend
+from services.rest.live import colormap, render
+from services.rest.simulation import DEFAULT_RATE_HZ
 
 log = logging.getLogger(__name__)
 MAX_LOGS = 1000
+LIVE_PERIOD_S = 0.2  # the live stream's frames: at most 5 per second
 
 _EXPECTED = (StdDaqError, RequestError, ConfigError, ValueError)
 
@@ -157,5 +161,68 @@ def create_app(backend: RestBackend, api_key: str | None = None) -> FastAPI:
             return error(f"n_logs: expected an integer from 1 to {MAX_LOGS}, got {n_logs!r:.40}")
         return await _answer(lambda: ok("Last acquisitions that produced a file.",
                                         logs=backend.logs(int(n_logs))))
+
+    @app.get("/daq/live/image")
+    async def live_image(cmap: str = "gray", low: float | None = None,
+                         high: float | None = None, size: int = 512) -> Response:
+        """The newest image as PNG (headers X-Image-Id, X-Low, X-High)."""
+        def work() -> Response:
+            newest = backend.live.newest()
+            if newest is None:
+                return JSONResponse(error("no image in the detector's buffer yet (is the "
+                                          "detector or the simulator running?)"),
+                                    status_code=503)
+            image_id, image = newest
+            picture, used_low, used_high = render(image, low, high, cmap, size)
+            return Response(picture, media_type="image/png", headers={
+                "X-Image-Id": str(image_id), "X-Low": f"{used_low:g}",
+                "X-High": f"{used_high:g}", "Cache-Control": "no-store"})
+
+        try:
+            return await run_in_threadpool(work)
+        except ValueError as exc:
+            return JSONResponse(error(str(exc)), status_code=400)
+
+    @app.get("/daq/live")
+    async def live_stream(cmap: str = "gray", size: int = 512) -> Response:
+        """The newest image, a few times a second, as an MJPEG stream (as the original)."""
+        try:
+            colormap(cmap)
+        except ValueError as exc:
+            return JSONResponse(error(str(exc)), status_code=400)
+
+        async def frames():
+            last_id = None
+            while True:
+                newest = await run_in_threadpool(backend.live.newest)
+                if newest is not None and newest[0] != last_id:
+                    last_id = newest[0]
+                    picture, _, _ = await run_in_threadpool(
+                        render, newest[1], None, None, cmap, size, "JPEG")
+                    yield (b"--frame\r\nContent-Type: image/jpeg\r\n\r\n" + picture
+                           + b"\r\n")
+                await asyncio.sleep(LIVE_PERIOD_S)
+
+        return StreamingResponse(frames(),
+                                 media_type="multipart/x-mixed-replace; boundary=frame")
+
+    @app.get("/simulation/status")
+    async def simulation_status() -> dict:
+        return ok("Simulation status.", simulation=backend.simulation.status())
+
+    @app.post("/simulation/start")
+    async def simulation_start(request: Request) -> dict:
+        try:
+            body = await _json_body(request)
+        except RequestError as exc:
+            return error(str(exc))
+        rate = body.get("rate_hz", DEFAULT_RATE_HZ) if isinstance(body, dict) else body
+        return await _answer(lambda: ok("Simulation started.",
+                                        simulation=backend.simulation.start(rate)))
+
+    @app.post("/simulation/stop")
+    async def simulation_stop() -> dict:
+        return await _answer(lambda: ok("Simulation stopped.",
+                                        simulation=backend.simulation.stop()))
 
     return app

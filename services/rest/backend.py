@@ -23,6 +23,8 @@ from services.deployment import (
 )
 from services.image_stats import ImageFollower
 from services.requests import RequestError
+from services.rest.live import LiveImage
+from services.rest.simulation import Simulation
 from services.rest.writer_status import WriterStatus
 from services.startup import redis_client
 from services.status import ServiceStatus, status_key
@@ -85,6 +87,9 @@ class RestBackend:
                                 status_listener=self.writer.on_status,
                                 progress_listener=self.writer.on_progress)
         self.images = ImageFollower(config.detector_name, ipc_dir)
+        self.live = LiveImage(config.detector_name)
+        self.simulation = Simulation(lambda: self.current_config()[1],
+                                     lambda: self.rates["detector"]["images_per_second"])
         self.image_bytes = 0
         self._image_bytes_of(raw_config)
         self.rates = {"detector": {"bytes_per_second": 0.0, "images_per_second": 0.0},
@@ -101,6 +106,8 @@ class RestBackend:
         self._stop.set()
         self._thread.join(5)
         self.images.stop()
+        self.simulation.stop()
+        self.live.close()
         self.client.close()
 
     # --- periodic: agent presence and rates ---------------------------------------------

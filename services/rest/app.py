@@ -9,10 +9,12 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from fastcore.config import ConfigError
@@ -25,6 +27,7 @@ from services.rest.simulation import DEFAULT_RATE_HZ
 log = logging.getLogger(__name__)
 MAX_LOGS = 1000
 LIVE_PERIOD_S = 0.2  # the live stream's frames: at most 5 per second
+STATIC = Path(__file__).parent / "static"  # the dashboard
 
 _EXPECTED = (StdDaqError, RequestError, ConfigError, ValueError)
 
@@ -162,12 +165,31 @@ def create_app(backend: RestBackend, api_key: str | None = None) -> FastAPI:
         return await _answer(lambda: ok("Last acquisitions that produced a file.",
                                         logs=backend.logs(int(n_logs))))
 
+    @app.get("/daq/stats/history")
+    async def stats_history() -> dict:
+        return ok("Rates per second over the last minutes.", history=list(backend.history))
+
+    @app.get("/daq/services")
+    async def services() -> dict:
+        return await _answer(lambda: ok("Services and detector buffer.",
+                                        **backend.services()))
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
     @app.get("/daq/live/image")
     async def live_image(cmap: str = "gray", low: float | None = None,
-                         high: float | None = None, size: int = 512) -> Response:
-        """The newest image as PNG (headers X-Image-Id, X-Low, X-High)."""
+                         high: float | None = None, size: int = 512,
+                         when_missing: str = "error") -> Response:
+        """The newest image as PNG (headers X-Image-Id, X-Low, X-High); none yet: 503, or
+        204 with ``when_missing=empty`` (a page polling it logs no error)."""
         def work() -> Response:
             newest = backend.live.newest()
+            if newest is None and when_missing == "empty":
+                return Response(status_code=204)
             if newest is None:
                 return JSONResponse(error("no image in the detector's buffer yet (is the "
                                           "detector or the simulator running?)"),

@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from services.rest.live import LiveImage
 from services.rest.simulation import Simulation
 from services.rest.writer_status import WriterStatus
 from services.startup import redis_client
-from services.status import ServiceStatus, status_key
+from services.status import STATUS_PREFIX, ServiceStatus, status_key
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ START_TIMEOUT_S = 10.0
 SYNC_LIMIT_S = 60.0  # the original's write_sync limit
 STOP_WAIT_S = 5.0
 LOG_LENGTH = 1000  # acquisitions kept in the log stream
+HISTORY_S = 600  # seconds of rates kept for the dashboard's plots
 
 
 def log_key(writer_service: str) -> str:
@@ -94,6 +96,7 @@ class RestBackend:
         self._image_bytes_of(raw_config)
         self.rates = {"detector": {"bytes_per_second": 0.0, "images_per_second": 0.0},
                       "writer": {"bytes_per_second": 0.0, "images_per_second": 0.0}}
+        self.history: deque[dict] = deque(maxlen=HISTORY_S)  # one sample per second
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="rest-stats", daemon=True)
 
@@ -113,6 +116,7 @@ class RestBackend:
     # --- periodic: agent presence and rates ---------------------------------------------
     def _sample(self) -> None:
         last_images, last_rows, last_at = self.images.stats.counter, 0, time.monotonic()
+        last_lost = self.images.stats.lost + self.images.stats.flagged
         while not self._stop.wait(1.0):
             self.writer.agent_alive = self._agent_alive()
             with contextlib.suppress(redis.RedisError, ConfigError, ValueError):
@@ -127,7 +131,31 @@ class RestBackend:
                              "images_per_second": image_rate},
                 "writer": {"bytes_per_second": row_rate * self.image_bytes,
                            "images_per_second": row_rate}}
-            last_images, last_rows, last_at = images, rows, now
+            lost = self.images.stats.lost + self.images.stats.flagged
+            self.history.append({"time": time.time(), "detector": image_rate,
+                                 "writer": row_rate, "lost": (lost - last_lost) / elapsed})
+            last_images, last_rows, last_at, last_lost = images, rows, now, lost
+
+    def services(self) -> dict:
+        """The detector buffer as the image stream shows it, and every service of this
+        detector with a status in Redis (state, heartbeat age, last error)."""
+        statuses = []
+        prefixes = (f"{self.config.detector_name}.", self.writer_service)
+        for key in self.redis.scan_iter(match=STATUS_PREFIX + "*", count=500):
+            name = key.decode(errors="replace").removeprefix(STATUS_PREFIX)
+            if not name.startswith(prefixes):
+                continue
+            status = ServiceStatus.from_fields(key, self.redis.hgetall(key))
+            age = None if status.heartbeat is None else time.time() - status.heartbeat
+            statuses.append({"service_name": status.service_name, "state": status.state,
+                             "heartbeat_age_s": age, "alive": age is not None
+                             and age < AGENT_FRESH_S, "last_error": status.last_error})
+        buffer = self.images.stats
+        return {"buffer": {"connected": buffer.connected, "acquiring": buffer.acquiring,
+                           "images": buffer.counter, "rate": buffer.rate,
+                           "flagged": buffer.flagged, "lost": buffer.lost,
+                           "last_image_id": buffer.last_id},
+                "services": sorted(statuses, key=lambda s: s["service_name"])}
 
     def _image_bytes_of(self, raw: dict) -> None:
         config = parse_config(raw) if raw is not self.raw_config else self.config

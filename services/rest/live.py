@@ -45,7 +45,9 @@ def render(image: np.ndarray, low: float | None = None, high: float | None = Non
         auto_low, auto_high = np.percentile(view, (1.0, 99.5))
         low = float(auto_low) if low is None else low
         high = float(auto_high) if high is None else high
-    span = high - low if high > low else 1.0
+    if high <= low:  # a flat image (or limits the wrong way round): show it mid-scale
+        low, high = low - 0.5, low + 0.5
+    span = high - low
     levels = np.clip((view - low) * (255.0 / span), 0, 255).astype(np.uint8)
     picture = Image.fromarray(table[levels], "RGB")
     out = io.BytesIO()

@@ -62,7 +62,8 @@ def test_dashboard_in_a_real_browser(browser, rest):  # noqa: F811 - the importe
     _, agent, url = rest
     driver.get(url + "/")
     wait_until(lambda: text(driver, "writer-state") == "READY", "writer READY on the page")
-    assert text(driver, "detector-name") == agent.config.detector_name
+    wait_until(lambda: text(driver, "detector-name") == agent.config.detector_name,
+               "the detector's name from its config")
     wait_until(lambda: agent.service in text(driver, "services"), "the writer agent listed")
     wait_until(lambda: "images arriving" in text(driver, "buffer-line"), "buffer line")
 

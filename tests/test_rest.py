@@ -148,6 +148,11 @@ def test_bad_bodies_and_config_changes_are_refused_naming_the_field(rest):
     assert answer["status"] == "error" and "not valid JSON" in answer["message"]
     answer = requests.get(f"{url}/daq/logs/0", timeout=5).json()
     assert answer["status"] == "error" and "n_logs" in answer["message"]
+    answer = requests.get(f"{url}/daq/live/image", params={"size": "big"}, timeout=5)
+    assert answer.status_code == 200 and answer.json()["status"] == "error"
+    assert answer.json()["message"].startswith("size: input should be a valid integer")
+    answer = requests.get(f"{url}/daq/live/image", params={"size": 5}, timeout=5).json()
+    assert "size: expected 16 to 2048 pixels, got 5" in answer["message"]
     with pytest.raises(StdDaqAdminException, match="bit_depth"):
         client.set_config({"bit_depth": 13})
     with pytest.raises(StdDaqAdminException, match="detector_name: cannot change"):
@@ -178,6 +183,10 @@ def test_console_scripts(rest):
     started = cli("std_cli_write_async", agent.out("cli_async.h5"), "100000")
     assert started["state"] == "WRITING"
     assert cli("std_cli_write_stop")["acquisition"]["message"] == "Interrupted."
+    change = agent.out_dir.parent / "change.json"
+    change.write_text(json.dumps({"writer_user_id": 0}))
+    assert cli("std_cli_set_config", str(change))["writer_user_id"] == 0
+    assert cli("std_cli_get_deploy_status")["status"] == "UNKNOWN"  # no stddaq-run here
 
 
 def test_without_a_writer_agent_the_state_is_unknown_and_writes_fail_clearly(tmp_path):

@@ -66,7 +66,9 @@ def test_receiver_killed_mid_write_ends_the_request_after_the_image_timeout(
     assert shm_files(config.detector_name) == [f"/dev/shm/stddaq.{config.detector_name}.frames"]
     os.unlink(shm_files(config.detector_name)[0])
     assert not worker.is_alive(), "the request hangs"
-    assert 3.0 <= ended_after < 8.0, ended_after
+    # the image timeout (3 s) runs from the last image, which reached the writer up to a
+    # progress interval before the kill
+    assert 2.7 <= ended_after < 8.0, ended_after
     error = outcome["error"]
     assert error.startswith(f"no image from detector {config.detector_name} for 3 s: is the "
                             "detector (or simulator) running?; "), error

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -103,6 +104,13 @@ def create_app(backend: RestBackend, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="stddaq REST", description="std-daq's admin interface "
                   "(std_daq_client 1.3.5 compatible)")
     app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A path or query value of the wrong type: the envelope, naming the parameter."""
+        problems = [f"{e['loc'][-1]}: {e['msg'].lower()}, got {e.get('input')!r:.40}"
+                    for e in exc.errors()]
+        return JSONResponse(error("; ".join(problems)))
 
     @app.post("/writer/write_async")
     async def write_async(request: Request) -> dict:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -61,6 +62,18 @@ class Proc(ChildProcess):
         code = super().stop(timeout)
         assert not self.leftovers, f"{self.args}: left processes {self.leftovers}"
         return code
+
+
+def wait_until(predicate, what: str, timeout: float = 15.0, interval: float = 0.1):
+    """The first truthy value of ``predicate()``; AssertionError naming ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def module_cmd(module: str, *args: str) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.test_rest import rest  # noqa: F401 - the std-daq services + stddaq-rest fixture
 
 pytestmark = pytest.mark.timeout(240)
@@ -41,16 +41,6 @@ def browser():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()
-
-
-def wait_until(predicate, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def text(driver, element_id: str) -> str:

@@ -25,7 +25,7 @@ from fastcore.formats import ImageStatus
 from fastcore.names import Segment
 from services.broker.protocol import request_queue_name
 from services.daq_client import DaqClient
-from tests.conftest import Proc, free_tcp_port, module_cmd
+from tests.conftest import Proc, free_tcp_port, module_cmd, wait_until
 from tests.test_cli_tools import REQUEST, assert_one_error_line, cli
 
 pytestmark = pytest.mark.timeout(180)
@@ -112,20 +112,20 @@ def test_a_bec_scan_with_a_config_change_through_rest(launched):
     assert before["status"] == "SUCCESS", before
     applied = rest.set_config({"writer_user_id": 4242})
     assert applied["writer_user_id"] == 4242
-    deployment = wait_for(lambda: (d := rest.get_deployment_status())["config_id"]
-                          != before["config_id"] and d["status"] in ("SUCCESS", "ERROR")
-                          and d, 90)
+    deployment = wait_until(lambda: (d := rest.get_deployment_status())["config_id"]
+                            != before["config_id"] and d["status"] in ("SUCCESS", "ERROR")
+                            and d, "the deployment", 90)
     assert deployment["status"] == "SUCCESS", deployment
     assert set(deployment["servers"].values()) == {"Done"}
     assert "deploying a new config" in launcher.output
     assert rest.get_config()["writer_user_id"] == 4242
-    wait_for(lambda: rest.get_status()["state"] == "READY", 60)
+    wait_until(lambda: rest.get_status()["state"] == "READY", "writer READY", 60)
     os.chmod(out_dir, 0o777)  # the new owner writes there
     out = str(out_dir / "bec.h5")
     status = rest.start_writer_async({"output_file": out, "n_images": 10})
     assert status["acquisition"]["state"] in ("WAITING_IMAGES", "ACQUIRING_IMAGES")
-    done = wait_for(lambda: (s := rest.get_status())["acquisition"]["state"] == "FINISHED"
-                    and s, 60)
+    done = wait_until(lambda: (s := rest.get_status())["acquisition"]["state"] == "FINISHED"
+                      and s, "FINISHED", 60)
     assert done["acquisition"]["stats"]["n_write_completed"] == 10
     rest.stop_writer()
     with h5py.File(out, "r") as f:
@@ -136,16 +136,6 @@ def test_a_bec_scan_with_a_config_change_through_rest(launched):
         rest.set_config({"bit_depth": 13})
     with pytest.raises(StdDaqAdminException, match="output_root: set by the operator"):
         rest.set_config({"output_root": "/"})
-
-
-def wait_for(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def test_a_udp_port_in_use_is_named_as_the_cause(make_config, ipc_dir, tmp_path):

@@ -17,7 +17,7 @@ import redis
 import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
-from tests.conftest import Proc, free_tcp_port, module_cmd
+from tests.conftest import Proc, free_tcp_port, module_cmd, wait_until
 from tests.test_ophyd import FreeRunning
 from tests.test_writer_agent_service import AgentSetup
 
@@ -50,16 +50,6 @@ def rest(make_config, ipc_dir, tmp_path):
                     f"stddaq.log.{agent.service}"]:
             store.delete(key)
     assert code == 0, server.output
-
-
-def wait_until(predicate, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def rows(path: str, detector: str) -> int:

@@ -170,6 +170,9 @@ class Acquisition:
         if self.output_file is None:
             raise StdDaqError("no file chosen for the acquisition (open_file first)")
         previous = self.run
+        if previous is not None and not previous.done.is_set() \
+                and previous.n_rows >= int(previous.request["n_images"]):
+            previous.done.wait(self.stop_timeout)  # all written: std-daq closes the file
         if previous is not None and not previous.done.is_set():
             raise StdDaqError(f"the previous acquisition of {n_images} images into "
                               f"{self.output_file} is still running")

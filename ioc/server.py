@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 
+import caproto
 import redis
 from caproto.server import PVGroup, SubGroup, run, template_arg_parser
 
@@ -124,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         epics_buffer_service=args.epics_buffer_service, broker_host=args.broker_host,
         broker_port=args.broker_port,
         redis_host=args.redis_host, redis_port=args.redis_port)
+    port = int(caproto.get_environment_variables()["EPICS_CA_SERVER_PORT"])
+    taken = taken_ca_port(run_options.get("interfaces") or ["0.0.0.0"], port)
+    if taken:
+        print(f"stddaq-ioc: error: the CA server port {port} on {taken} is taken (another "
+              "IOC?): stop it, or give this IOC its own EPICS_CA_SERVER_PORT (caproto would "
+              "otherwise move to a random port that clients do not search)", file=sys.stderr)
+        return 1
     ioc = StddaqIOC(settings=settings, **ioc_options)
     rules = AccessRules.from_lists(args.write_hosts, args.write_users)
     rules.apply(ioc.pvdb)
@@ -139,10 +149,30 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt  # caproto shuts down cleanly (shutdown hooks) on it
 
     signal.signal(signal.SIGTERM, terminate)
-    with contextlib.suppress(KeyboardInterrupt):
-        run(ioc.pvdb, startup_hook=announce, **run_options)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run(ioc.pvdb, startup_hook=announce, **run_options)
+    except OSError as exc:  # e.g. the UDP search port bound exclusively by another program
+        reason = exc.strerror or str(exc)
+        print(f"stddaq-ioc: error: cannot serve Channel Access on port {port}: {reason}",
+              file=sys.stderr)
+        return 1
     logging.getLogger(__name__).info("stopped")
     return 0
+
+
+def taken_ca_port(interfaces: list[str], port: int) -> str | None:
+    """The first interface on which the CA server's TCP ``port`` cannot be bound, if any."""
+    for interface in interfaces:
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((interface, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return interface
+    return None
 
 
 if __name__ == "__main__":

@@ -304,3 +304,21 @@ print(json.dumps({{"writing": writing,
                                  f"({result['captured']} good)")
     with h5py.File(result["full"], "r") as f:
         assert f[agent.config.detector_name]["data"].shape[0] == result["captured"]
+
+
+def test_a_taken_ca_port_is_named_not_silently_moved(make_config, ipc_dir, tmp_path):
+    import socket
+
+    path, _ = make_config("jungfrau_1m.json")
+    port = free_tcp_port()
+    with socket.socket() as other_ioc:
+        other_ioc.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other_ioc.bind(("127.0.0.1", port))
+        other_ioc.listen(1)
+        done = subprocess.run(module_cmd("ioc.server", str(path), "--prefix", "TQ:",
+                                         "--interfaces=127.0.0.1", "--ipc-dir", ipc_dir),
+                              capture_output=True, text=True, env=ca_env(port), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert (f"stddaq-ioc: error: the CA server port {port} on 127.0.0.1 is taken (another "
+            "IOC?)") in done.stderr
+    assert "Traceback" not in done.stderr

@@ -383,6 +383,22 @@ def test_stop_mid_run_leaves_a_valid_shorter_file(harness, tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, ".stopped.h5.reserve"))
 
 
+def test_a_run_of_4e9_images_costs_no_memory_up_front(harness, tmp_path):
+    """n_images 4e9 (allowed: < 2**32) once made the writer allocate 40 B per requested
+    image and die of MemoryError; its metadata rows now grow with the images written."""
+    h = harness()
+    out = str(tmp_path / "huge.h5")
+    assert h.start(out, 4_000_000_000, run_id=4)["n_images"] == 4_000_000_000
+    for i in range(3):
+        h.put(70 + i)
+    h.written(3)
+    h.stop(4)
+    stop = h.events()[-1]
+    assert (stop["reason"], stop["n_written"]) == ("stopped", 3)
+    check_in_fresh_process(out, h.name, [70, 71, 72], [0] * 3)
+    assert h.start(str(tmp_path / "after.h5"), 1, run_id=5)["event"] == "start"  # serving
+
+
 def test_new_run_closes_the_open_one(harness, tmp_path):
     h = harness()
     first, second = str(tmp_path / "first.h5"), str(tmp_path / "second.h5")

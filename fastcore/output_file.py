@@ -23,6 +23,10 @@ class OutputPathError(Exception):
     """The file cannot or may not be created there (the message names the path and why)."""
 
 
+class OutputFileExistsError(OutputPathError):
+    """The file to create exists already."""
+
+
 def _directory_error(path: str, directory: str, exc: OSError) -> OutputPathError:
     if exc.errno == errno.ENOENT:
         return OutputPathError(f"cannot write {path}: directory {directory} does not exist")
@@ -69,52 +73,64 @@ def _open_directory(path: str, root: str | None) -> int:
     return fd
 
 
-def create_exclusive(path: str, root: str | None, mode: int = 0o644) -> tuple[int, int]:
-    """Create ``path`` (it must not exist) below ``root``; returns (directory fd, file fd).
-    The caller closes both."""
-    dir_fd = _open_directory(path, root)
-    name = os.path.basename(path)
+def _create(dir_fd: int, path: str, mode: int) -> int:
+    """Create ``path``'s file in ``dir_fd`` (it must not exist); OutputFileExistsError when it
+    does."""
     try:
-        fd = os.open(name, _FILE_FLAGS, mode, dir_fd=dir_fd)
+        return os.open(os.path.basename(path), _FILE_FLAGS, mode, dir_fd=dir_fd)
     except OSError as exc:
-        os.close(dir_fd)
         if exc.errno == errno.EEXIST:
-            raise OutputPathError(f"cannot write {path}: the file exists (stddaq never "
-                                  "overwrites data)") from None
+            raise OutputFileExistsError(f"cannot write {path}: the file exists (stddaq never "
+                                        "overwrites data)") from None
         if exc.errno == errno.ELOOP:
             raise OutputPathError(f"cannot write {path}: it is a symbolic link") from None
         reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) \
             else exc.strerror
         raise OutputPathError(f"cannot write {path}: {reason}") from None
-    return dir_fd, fd
 
 
-def fd_path(fd: int) -> str:
-    """A path that opens the very file behind ``fd`` (for libraries that take paths)."""
-    return f"/proc/self/fd/{fd}"
+def _open_existing(dir_fd: int, path: str) -> int:
+    """Open ``path``'s regular file in ``dir_fd`` for writing, never through a link."""
+    try:
+        fd = os.open(os.path.basename(path), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        reason = {errno.ELOOP: "it is a symbolic link", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror)
+        raise OutputPathError(f"cannot append to {path}: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputPathError(f"cannot append to {path}: not a regular file")
+    return fd
+
+
+def create_exclusive(path: str, root: str | None, mode: int = 0o644) -> tuple[int, int]:
+    """Create ``path`` (it must not exist) below ``root``; returns (directory fd, file fd).
+    The caller closes both."""
+    dir_fd = _open_directory(path, root)
+    try:
+        return dir_fd, _create(dir_fd, path, mode)
+    except OutputPathError:
+        os.close(dir_fd)
+        raise
 
 
 def open_or_create(path: str, root: str | None, mode: int = 0o644) -> tuple[int, int, bool]:
     """Open ``path`` below ``root`` for appending, creating it if it does not exist; returns
     (directory fd, file fd, created). A symbolic link or anything but a regular file is
     refused. The caller closes both descriptors."""
-    try:
-        dir_fd, fd = create_exclusive(path, root, mode)
-        return dir_fd, fd, True
-    except OutputPathError as exc:
-        if "the file exists" not in str(exc):
-            raise
     dir_fd = _open_directory(path, root)
     try:
-        fd = os.open(os.path.basename(path), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-    except OSError as exc:
+        try:
+            return dir_fd, _create(dir_fd, path, mode), True
+        except OutputFileExistsError:
+            return dir_fd, _open_existing(dir_fd, path), False
+    except OutputPathError:
         os.close(dir_fd)
-        reason = {errno.ELOOP: "it is a symbolic link", errno.EACCES: "permission denied",
-                  errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror)
-        raise OutputPathError(f"cannot append to {path}: {reason}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        os.close(dir_fd)
-        raise OutputPathError(f"cannot append to {path}: not a regular file")
-    return dir_fd, fd, False
+        raise
+
+
+def fd_path(fd: int) -> str:
+    """A path that opens the very file behind ``fd`` (for libraries that take paths)."""
+    return f"/proc/self/fd/{fd}"
+

@@ -10,7 +10,7 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from ioc.common import write_if_changed
-from services.status import ServiceStatus, status_key
+from services.status import read_status
 
 EPB_STATES = ["Disconnected", "Running", "Error"]
 
@@ -45,14 +45,12 @@ class HeartbeatReader:
 
     def read_once(self) -> EpicsBufferStatus:
         try:
-            key = status_key(self.service_name)
-            raw = self.client.hgetall(key)
+            status = read_status(self.client, self.service_name)
         except redis.RedisError as exc:
             return EpicsBufferStatus(message=f"Redis unreachable: {exc}")
-        if not raw:
+        if status is None:
             return EpicsBufferStatus(message=f"service {self.service_name} is not running "
                                      "(no heartbeat in Redis)")
-        status = ServiceStatus.from_fields(key, raw)
         channels = tuple(str(pv) for pv in status.config.get("pv_list", []))
         return EpicsBufferStatus(
             state="Error" if status.last_error else "Running", channels=channels,

@@ -27,6 +27,7 @@ from services.broker.protocol import (
     BrokerError,
 )
 from services.progress import ProgressFollower
+from services.status import read_status, status_key
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,17 @@ class DaqClient:
             progress.stop()
         if broker is not None:
             broker.close()
+
+    def check_agent(self, detector_name: str) -> None:
+        """StdDaqError unless the writer agent runs (a fresh status in Redis)."""
+        try:
+            status = read_status(self.redis_client, self.writer_service)
+        except redis.RedisError as exc:
+            raise StdDaqError(f"Redis not reachable: {exc}") from None
+        if status is None or not status.alive:
+            raise StdDaqError(f"writer agent {self.writer_service} is not running (no fresh "
+                              f"{status_key(self.writer_service)} in Redis): start std-daq "
+                              f"for {detector_name} (stddaq-run)")
 
     def start_write(self, request: dict, timeout: float = 10.0) -> WriteRun:
         """Send a write request; return once the writer agent started it. StdDaqError with

@@ -10,11 +10,15 @@ first; stddaq adds ``state``, ``heartbeat`` (epoch seconds of the last refresh),
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 STATUS_PREFIX = "status."
+STATUS_FRESH_S = 5.0  # a heartbeat older than this: the service is not running
 
 
 def status_key(service_name: str) -> str:
@@ -43,6 +47,18 @@ class ServiceStatus:
             "last_error": self.last_error,
         }
 
+    def heartbeat_age(self, now: float | None = None) -> float | None:
+        """Seconds since the last heartbeat (None: it never sent one)."""
+        if self.heartbeat is None:
+            return None
+        return max(0.0, (time.time() if now is None else now) - self.heartbeat)
+
+    @property
+    def alive(self) -> bool:
+        """The service runs: its heartbeat is younger than :data:`STATUS_FRESH_S`."""
+        age = self.heartbeat_age()
+        return age is not None and age < STATUS_FRESH_S
+
     @classmethod
     def from_fields(cls, key: str | bytes, raw: Mapping[Any, Any]) -> ServiceStatus:
         """Read a hash as Redis returns it (bytes or str); tolerant of missing or bad
@@ -55,6 +71,12 @@ class ServiceStatus:
                    heartbeat=_number(fields.get("heartbeat")),
                    counters=_json_object(fields.get("counters")),
                    last_error=fields.get("last_error") or "")
+
+
+def read_status(client: redis.Redis, service_name: str) -> ServiceStatus | None:
+    """The service's status hash, or None when there is none (redis errors pass)."""
+    raw = client.hgetall(status_key(service_name))
+    return ServiceStatus.from_fields(status_key(service_name), raw) if raw else None
 
 
 def _text(value: Any) -> str:

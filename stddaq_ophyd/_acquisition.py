@@ -24,11 +24,8 @@ from event_model import compose_stream_resource
 from fastcore.config import DetectorConfig
 from services.daq_client import DaqClient, StdDaqError, WriteRun
 from services.startup import redis_client
-from services.status import ServiceStatus, status_key
 
 log = logging.getLogger(__name__)
-
-STATUS_FRESH_S = 5.0  # a writer agent's Redis status older than this: not running
 
 
 def image_data_key(config: DetectorConfig, per_event: int | None) -> dict[str, Any]:
@@ -102,17 +99,7 @@ class Acquisition:
         """StdDaqError unless the writer agent runs (fresh status in Redis) and the broker
         answers within ``timeout``."""
         client = self.client
-        try:
-            raw = client.redis_client.hgetall(status_key(self.writer_service))
-        except Exception as exc:  # redis raises several kinds; all mean "unreachable"
-            raise StdDaqError(f"Redis at {self._client_args[1]}:{self._client_args[2]} not "
-                              f"reachable: {exc}") from None
-        status = ServiceStatus.from_fields(status_key(self.writer_service), raw)
-        if not raw or status.heartbeat is None \
-                or time.time() - status.heartbeat > STATUS_FRESH_S:
-            raise StdDaqError(f"writer agent {self.writer_service} is not running (no fresh "
-                              f"{status_key(self.writer_service)} in Redis): start std-daq "
-                              f"for {self.config.detector_name} (stddaq-run)")
+        client.check_agent(self.config.detector_name)
         deadline = time.monotonic() + timeout
         while not client.connected:
             if time.monotonic() > deadline:

@@ -183,7 +183,7 @@ def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
             continue  # another type under status.*, or expired meanwhile
         status = ServiceStatus.from_fields(key, fields)
         started = status.start_timestamp
-        age = None if status.heartbeat is None else max(0.0, now - status.heartbeat)
+        age = status.heartbeat_age(now)
         rows.append({
             "key": _str(key), "service": status.service_name, "state": status.state,
             "heartbeat_age": None if age is None else round(age, 3),

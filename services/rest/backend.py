@@ -28,11 +28,10 @@ from services.rest.live import LiveImage
 from services.rest.simulation import Simulation
 from services.rest.writer_status import WriterStatus
 from services.startup import redis_client
-from services.status import STATUS_PREFIX, ServiceStatus, status_key
+from services.status import STATUS_PREFIX, ServiceStatus
 
 log = logging.getLogger(__name__)
 
-AGENT_FRESH_S = 5.0  # a writer agent whose Redis status is older: not there (UNKNOWN)
 START_TIMEOUT_S = 10.0
 SYNC_LIMIT_S = 60.0  # the original's write_sync limit
 STOP_WAIT_S = 5.0
@@ -146,10 +145,9 @@ class RestBackend:
             if not name.startswith(prefixes):
                 continue
             status = ServiceStatus.from_fields(key, self.redis.hgetall(key))
-            age = None if status.heartbeat is None else time.time() - status.heartbeat
             statuses.append({"service_name": status.service_name, "state": status.state,
-                             "heartbeat_age_s": age, "alive": age is not None
-                             and age < AGENT_FRESH_S, "last_error": status.last_error})
+                             "heartbeat_age_s": status.heartbeat_age(),
+                             "alive": status.alive, "last_error": status.last_error})
         buffer = self.images.stats
         return {"buffer": {"connected": buffer.connected, "acquiring": buffer.acquiring,
                            "images": buffer.counter, "rate": buffer.rate,
@@ -163,12 +161,10 @@ class RestBackend:
 
     def _agent_alive(self) -> bool:
         try:
-            raw = self.redis.hgetall(status_key(self.writer_service))
-        except redis.RedisError:
+            self.client.check_agent(self.config.detector_name)
+        except StdDaqError:
             return False
-        status = ServiceStatus.from_fields(status_key(self.writer_service), raw)
-        return bool(raw) and status.heartbeat is not None \
-            and time.time() - status.heartbeat < AGENT_FRESH_S
+        return True
 
     # --- writing ------------------------------------------------------------------------
     def status(self) -> dict:
@@ -177,10 +173,7 @@ class RestBackend:
     def write(self, body: Any, wait: bool) -> dict:
         """Start a write (``wait``: and return when the file is closed, at most 60 s)."""
         request = write_request(body)
-        if not self._agent_alive():
-            raise StdDaqError(f"writer agent {self.writer_service} is not running (no fresh "
-                              f"{status_key(self.writer_service)} in Redis): start std-daq "
-                              f"for {self.config.detector_name} (stddaq-run)")
+        self.client.check_agent(self.config.detector_name)
         run = self.client.start_write(request, timeout=START_TIMEOUT_S)
         if wait and not run.done.wait(SYNC_LIMIT_S):
             raise StdDaqError("Your acquisition is still running, just the REST call has "

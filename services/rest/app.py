@@ -51,6 +51,15 @@ async def _json_body(request: Request) -> Any:
         raise RequestError(f"request body is not valid JSON: {exc}") from None
 
 
+async def _answer_body(request: Request, work: Callable[[Any], dict]) -> dict:
+    """``_answer`` for an endpoint that takes a JSON body: ``work(body)``."""
+    try:
+        body = await _json_body(request)
+    except RequestError as exc:
+        return error(str(exc))
+    return await _answer(lambda: work(body))
+
+
 async def _answer(work: Callable[[], dict]) -> dict:
     """Run blocking ``work`` off the event loop; an error becomes the error envelope."""
     try:
@@ -114,21 +123,13 @@ def create_app(backend: RestBackend, api_key: str | None = None) -> FastAPI:
 
     @app.post("/writer/write_async")
     async def write_async(request: Request) -> dict:
-        try:
-            body = await _json_body(request)
-        except RequestError as exc:
-            return error(str(exc))
-        return await _answer(lambda: ok("Writing started.",
-                                        writer=backend.write(body, wait=False)))
+        return await _answer_body(request, lambda body: ok(
+            "Writing started.", writer=backend.write(body, wait=False)))
 
     @app.post("/writer/write_sync")
     async def write_sync(request: Request) -> dict:
-        try:
-            body = await _json_body(request)
-        except RequestError as exc:
-            return error(str(exc))
-        return await _answer(lambda: ok("Writing finished.",
-                                        writer=backend.write(body, wait=True)))
+        return await _answer_body(request, lambda body: ok(
+            "Writing finished.", writer=backend.write(body, wait=True)))
 
     @app.post("/writer/stop")
     async def writer_stop() -> dict:
@@ -150,12 +151,8 @@ def create_app(backend: RestBackend, api_key: str | None = None) -> FastAPI:
 
     @app.post("/daq/config")
     async def set_config(request: Request) -> dict:
-        try:
-            changes = await _json_body(request)
-        except RequestError as exc:
-            return error(str(exc))
-        return await _answer(lambda: ok("Setting new daq config.",
-                                        config=backend.set_config(changes)))
+        return await _answer_body(request, lambda changes: ok(
+            "Setting new daq config.", config=backend.set_config(changes)))
 
     @app.get("/daq/deployment")
     async def get_deployment() -> dict:
@@ -242,13 +239,11 @@ def create_app(backend: RestBackend, api_key: str | None = None) -> FastAPI:
 
     @app.post("/simulation/start")
     async def simulation_start(request: Request) -> dict:
-        try:
-            body = await _json_body(request)
-        except RequestError as exc:
-            return error(str(exc))
-        rate = body.get("rate_hz", DEFAULT_RATE_HZ) if isinstance(body, dict) else body
-        return await _answer(lambda: ok("Simulation started.",
-                                        simulation=backend.simulation.start(rate)))
+        def start(body: Any) -> dict:
+            rate = body.get("rate_hz", DEFAULT_RATE_HZ) if isinstance(body, dict) else body
+            return ok("Simulation started.", simulation=backend.simulation.start(rate))
+
+        return await _answer_body(request, start)
 
     @app.post("/simulation/stop")
     async def simulation_stop() -> dict:

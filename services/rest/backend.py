@@ -91,8 +91,8 @@ class RestBackend:
         self.live = LiveImage(config.detector_name)
         self.simulation = Simulation(lambda: self.current_config()[1],
                                      lambda: self.rates["detector"]["images_per_second"])
-        self.image_bytes = 0
-        self._image_bytes_of(raw_config)
+        self.image_bytes = int(np.prod(config.image_shape)) * config.image_dtype.itemsize
+        self._sized_config_id: str | None = None  # the deployed config image_bytes is of
         self.rates = {"detector": {"bytes_per_second": 0.0, "images_per_second": 0.0},
                       "writer": {"bytes_per_second": 0.0, "images_per_second": 0.0}}
         self.history: deque[dict] = deque(maxlen=HISTORY_S)  # one sample per second
@@ -119,7 +119,7 @@ class RestBackend:
         while not self._stop.wait(1.0):
             self.writer.agent_alive = self._agent_alive()
             with contextlib.suppress(redis.RedisError, ConfigError, ValueError):
-                self._image_bytes_of(self.current_config()[1])
+                self._follow_image_size()
             now = time.monotonic()
             images, rows = self.images.stats.counter, self.writer.rows_total
             elapsed = max(now - last_at, 1e-3)
@@ -155,9 +155,13 @@ class RestBackend:
                            "last_image_id": buffer.last_id},
                 "services": sorted(statuses, key=lambda s: s["service_name"])}
 
-    def _image_bytes_of(self, raw: dict) -> None:
-        config = parse_config(raw) if raw is not self.raw_config else self.config
-        self.image_bytes = int(np.prod(config.image_shape)) * config.image_dtype.itemsize
+    def _follow_image_size(self) -> None:
+        """Image bytes of a newly deployed config (parsed once per config_id)."""
+        config_id, raw = self.current_config()
+        if config_id is not None and config_id != self._sized_config_id:
+            config = parse_config(raw)
+            self.image_bytes = int(np.prod(config.image_shape)) * config.image_dtype.itemsize
+            self._sized_config_id = config_id
 
     def _agent_alive(self) -> bool:
         try:

@@ -116,3 +116,17 @@ def make_config(tmp_path):
         for path in leftovers:
             os.unlink(path)
         assert not leftovers, f"shared memory left behind: {leftovers}"
+
+
+@pytest.fixture
+def stddaq(make_config, ipc_dir, tmp_path):
+    """(std-daq services: writer agent, h5 writer and a fake assembler, the free-running
+    fake detector feeding them) for the front-end tests (Ophyd, ophyd-async, REST)."""
+    from tests.test_ophyd import FreeRunning
+    from tests.test_writer_agent_service import AgentSetup
+
+    agent = AgentSetup(make_config, ipc_dir, tmp_path)
+    detector = FreeRunning(agent)
+    yield agent, detector
+    detector.stop()
+    agent.close()

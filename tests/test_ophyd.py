@@ -56,12 +56,8 @@ class CountingDetector(StdDaqDetector):
 
 
 @pytest.fixture
-def daq(make_config, ipc_dir, tmp_path):
-    agent = AgentSetup(make_config, ipc_dir, tmp_path)
-    detector = FreeRunning(agent)
-    yield agent
-    detector.stop()
-    agent.close()
+def daq(stddaq):
+    return stddaq[0]
 
 
 def make_device(agent, output_dir=None, **kwargs) -> CountingDetector:

@@ -25,20 +25,10 @@ from ophyd_async.core import (
 )
 
 from stddaq_ophyd import StdDaqAsyncDetector, StdDaqError
-from tests.test_ophyd import FreeRunning, file_of, validate
+from tests.test_ophyd import file_of, validate
 from tests.test_writer_agent_service import AgentSetup
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def stddaq(make_config, ipc_dir, tmp_path):
-    """(std-daq services, the free-running detector feeding them)."""
-    agent = AgentSetup(make_config, ipc_dir, tmp_path)
-    detector = FreeRunning(agent)
-    yield agent, detector
-    detector.stop()
-    agent.close()
 
 
 @pytest.fixture

@@ -18,18 +18,15 @@ import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from tests.conftest import Proc, free_tcp_port, module_cmd, wait_until
-from tests.test_ophyd import FreeRunning
-from tests.test_writer_agent_service import AgentSetup
 
 pytestmark = pytest.mark.timeout(180)
 SCRIPTS = Path(sys.executable).parent
 
 
 @pytest.fixture
-def rest(make_config, ipc_dir, tmp_path):
+def rest(stddaq, ipc_dir, tmp_path):
     """(client, std-daq services, base url) with stddaq-rest running."""
-    agent = AgentSetup(make_config, ipc_dir, tmp_path)
-    detector = FreeRunning(agent)
+    agent, _ = stddaq
     port = free_tcp_port()
     config_path = agent.out_dir.parent / f"{agent.config.detector_name}.json"
     server = Proc(module_cmd("services.rest.server", str(config_path), "--port", str(port),
@@ -43,8 +40,6 @@ def rest(make_config, ipc_dir, tmp_path):
         yield client, agent, url
     finally:
         code = server.stop()
-        detector.stop()
-        agent.close()
         store = redis.Redis("127.0.0.1", 6379)
         for key in [*store.scan_iter(f"stddaq.config.{agent.config.detector_name}*"),
                     f"stddaq.log.{agent.service}"]:

@@ -290,15 +290,19 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
 
 def load_config(path: str | os.PathLike) -> DetectorConfig:
     """Load and validate a detector config JSON file."""
+    return parse_config(read_config_json(path), source=str(path))
+
+
+def read_config_json(path: str | os.PathLike) -> Any:
+    """A detector config file's JSON, not yet validated (ConfigError naming the file)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read detector config {path}: {exc.strerror}") from None
     try:
-        raw = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
-    return parse_config(raw, source=str(path))

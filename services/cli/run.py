@@ -26,7 +26,7 @@ import redis
 
 from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import segment_alive, shm_dir, shm_name
-from fastcore.config import ConfigError, load_config, parse_config
+from fastcore.config import ConfigError, load_config, parse_config, read_config_json
 from fastcore.names import Segment
 from fastcore.process import DEFAULT_IPC_DIR
 from services.broker.address import parse_broker_url
@@ -113,7 +113,8 @@ class Launcher:
     """Run the services of one detector under a Supervisor (also used by the demo)."""
 
     def __init__(self, config_path: str, options: LaunchOptions):
-        self.config = load_config(config_path)
+        self.raw_config = read_config_json(config_path)
+        self.config = parse_config(self.raw_config, source=config_path)
         self.options = options
         self.log_dir = Path(options.log_dir or tempfile.mkdtemp(prefix="stddaq-run-"))
         if options.ioc_port:
@@ -288,10 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stddaq-run: error: a service did not start: {exc}", file=sys.stderr)
         return 1
     try:
-        with open(args.config) as config_file:
-            deployments = ConfigDeployments(redis_client(args.redis_host, args.redis_port),
-                                            json.load(config_file))
-    except (redis.RedisError, OSError, ValueError) as exc:
+        deployments = ConfigDeployments(redis_client(args.redis_host, args.redis_port),
+                                        launcher.raw_config)
+    except redis.RedisError as exc:
         log.warning("configs deployed through the REST interface will not be applied: %s",
                     exc)
         deployments = None

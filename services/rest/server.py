@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ import sys
 
 import uvicorn
 
-from fastcore.config import ConfigError, load_config
+from fastcore.config import ConfigError, parse_config, read_config_json
 from fastcore.process import DEFAULT_IPC_DIR
 from services.rest.app import create_app
 from services.rest.backend import RestBackend
@@ -93,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--host {args.host} is reachable from other machines: give an "
                              f"API key (--api-key-file or {API_KEY_ENV}), or anyone who "
                              "reaches it could start writes and change the config")
-        config = load_config(args.config)
-        with open(args.config) as config_file:
-            raw_config = json.load(config_file)
+        raw_config = read_config_json(args.config)
+        config = parse_config(raw_config, source=args.config)
         sock = listening_socket(args.host, args.port)
     except (ConfigError, OSError, ValueError) as exc:
         print(f"stddaq-rest: error: {exc}", file=sys.stderr)

@@ -36,7 +36,7 @@ import numpy as np
 from fastcore.assembler import Assembler, ImageAssembler
 from fastcore.config import DetectorConfig, parse_config
 from fastcore.conversion import convert_reference
-from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
+from fastcore.detectors.jungfrau import MODULE_SHAPE as JUNGFRAU_MODULE_SHAPE
 from fastcore.simulator import simulated_pixels
 
 N_MODULES = 4

@@ -55,8 +55,9 @@ import zmq
 from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import SHM_DIR_ENV, FrameBuffer, shm_dir, shm_name
 from fastcore.config import DetectorConfig, parse_config
-from fastcore.detectors import NOMINAL_RATE_HZ, module_format
-from fastcore.formats import JUNGFRAU_HEADER, MODULE_FRAME
+from fastcore.detectors import detector_type, module_format
+from fastcore.detectors.jungfrau import HEADER as JUNGFRAU_HEADER
+from fastcore.formats import MODULE_FRAME
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.udp import DEFAULT_RCVBUF, SO_RCVBUFFORCE, MessageVector, open_receive_socket
@@ -684,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="receive buffer of both sockets in the rate steps and the "
                         "sustained run (default: %(default)s MiB, the receiver's default)")
     parser.add_argument("--frame-slots", type=int,
-                        default=round(BUFFER_SECONDS * NOMINAL_RATE_HZ["jungfrau"]),
+                        default=round(BUFFER_SECONDS * detector_type("jungfrau").nominal_rate_hz),
                         help="FrameBuffer slots (default: %(default)s, what a config without "
                         "n_frame_slots gets: 1 s at Jungfrau's nominal rate)")
     parser.add_argument("--gso", action=argparse.BooleanOptionalAction, default=True,

@@ -20,7 +20,7 @@ import zmq
 from fastcore.buffers import FrameBuffer, ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.conversion import load_calibration
-from fastcore.detectors import ModuleFormat, module_format
+from fastcore.detectors import ModuleFormat
 from fastcore.formats import (
     IMAGE_METADATA,
     INVALID_ID,
@@ -32,7 +32,6 @@ from fastcore.formats import (
 from fastcore.geometry import module_blocks, row_plan
 from fastcore.kernels import convert_rows, place_rows
 from fastcore.names import Segment, Stream
-from fastcore.pixels import unpack_4bit, unpack_12bit
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
 log = logging.getLogger(__name__)
@@ -47,46 +46,40 @@ class ImageAssembler:
 
     def __init__(self, config: DetectorConfig, calibration: list[np.ndarray] | None = None):
         self.config = config
-        self.fmt: ModuleFormat = module_format(config.detector_type, config.bit_depth,
-                                               config.image_shape)
+        self.kind = config.kind
+        self.fmt: ModuleFormat = config.module_format
         self.blocks = [module_blocks(config, m) for m in range(config.n_modules)]
         self.plans = [row_plan(blocks, config.image_shape) for blocks in self.blocks]
         self.calibration = calibration
-        self._scratch = np.empty(self.fmt.module_shape, np.uint8) if (
-            config.detector_type == "eiger" and config.bit_depth == 4) else None
-
-    def _packed_rows(self, frame: np.ndarray) -> np.ndarray:
-        """Gigafrost: the 12-bit packed pixel rows of a frame (packet padding dropped)."""
-        fmt = self.fmt
-        row_bytes = fmt.module_shape[1] * 3 // 2
-        data = frame.reshape(fmt.n_packets, fmt.payload_bytes)[
-            :, : fmt.rows_per_packet * row_bytes]
-        return data.reshape(-1, row_bytes)[: fmt.module_shape[0]]
+        unpacks = self.kind.unpacks(self.fmt)
+        self._scratch = np.empty(self.fmt.module_shape, self.kind.image_dtype(
+            config.bit_depth)) if unpacks else None
+        # an unpacked module that is one block goes straight onto the image
+        whole = (slice(0, self.fmt.module_shape[0]), slice(0, self.fmt.module_shape[1]))
+        self._direct = [unpacks and calibration is None and len(blocks) == 1
+                        and blocks[0][0] == whole for blocks in self.blocks]
 
     def decode_frame(self, frame: np.ndarray) -> np.ndarray:
-        """Decoded (rows, cols) pixels of a module frame (a view where the format allows)."""
+        """Decoded (rows, cols) pixels of a module frame (a view where the format allows;
+        else a scratch array that the next call overwrites)."""
         fmt = self.fmt
-        if fmt.detector_type == "gigafrost":
-            out = np.empty(fmt.module_shape, np.uint16)
-            unpack_12bit(self._packed_rows(frame), out)
-            return out
-        if fmt.pixel_bits == 4:
-            unpack_4bit(frame.reshape(fmt.module_shape[0], -1), self._scratch)
+        if self._scratch is not None:
+            self.kind.unpack(fmt, frame, self._scratch)
             return self._scratch
-        return frame.view(f"<u{fmt.pixel_bits // 8}").reshape(fmt.module_shape)
+        return frame.view(fmt.pixel_dtype).reshape(fmt.module_shape)
 
     @property
     def places_from_buffer(self) -> bool:
         """True when frames are placed straight from the FrameBuffer by the numba kernels
-        (not Gigafrost and Eiger 4-bit, which are unpacked first)."""
-        return self.fmt.detector_type != "gigafrost" and self.fmt.pixel_bits != 4
+        (not for detector types whose frames are unpacked first)."""
+        return self._scratch is None
 
     def place_module(self, module: int, frame: np.ndarray, image: np.ndarray) -> None:
         """Decode, convert if configured, and copy one module frame onto ``image`` (a
         C-contiguous array of the image shape)."""
-        if self.fmt.detector_type == "gigafrost":  # unpack straight into the strided rows
+        if self._direct[module]:  # unpack straight into the (strided) destination
             (_, dest), = self.blocks[module]
-            unpack_12bit(self._packed_rows(frame), image[dest])
+            self.kind.unpack(self.fmt, frame, image[dest])
             return
         if not image.flags.c_contiguous:
             raise ValueError("place_module needs a C-contiguous image")

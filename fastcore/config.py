@@ -18,10 +18,14 @@ from typing import Any
 import numpy as np
 
 from fastcore.buffer_sizing import BufferPlan, plan_buffers
-from fastcore.detectors import GIGAFROST_N_MODULES, NOMINAL_RATE_HZ, module_format
+from fastcore.detectors import (
+    DetectorType,
+    DetectorTypeError,
+    ModuleFormat,
+    detector_type,
+    detector_type_names,
+)
 
-DETECTOR_TYPES = ("jungfrau", "eiger", "gigafrost")
-BIT_DEPTHS = {"jungfrau": (16,), "eiger": (4, 8, 16, 32), "gigafrost": (12, 16)}
 # Fields of original std-daq configs that stddaq accepts and does not use.
 _IGNORED_FIELDS = {
     "submodule_info",
@@ -51,7 +55,7 @@ class DetectorConfig:
     udp_host: str = "0.0.0.0"
     n_image_slots: int = 1000  # parse_config: 1 s at nominal_rate_hz unless the file says
     n_frame_slots: int = 100
-    nominal_rate_hz: float | None = None  # None: the detector type's NOMINAL_RATE_HZ
+    nominal_rate_hz: float | None = None  # None: the detector type's nominal_rate_hz
     pedestal_file: str | None = None
     gain_file: str | None = None
     output_root: str | None = None
@@ -59,21 +63,29 @@ class DetectorConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def kind(self) -> DetectorType:
+        """The detector type (fastcore.detectors) of ``detector_type``."""
+        return detector_type(self.detector_type)
+
+    @property
+    def module_format(self) -> ModuleFormat:
+        """The wire format of one module of this detector."""
+        return self.kind.module_format(self.bit_depth, self.image_shape)
+
+    @property
     def image_shape(self) -> tuple[int, int]:
         return (self.image_pixel_height, self.image_pixel_width)
 
     @property
     def converts(self) -> bool:
-        """True when Jungfrau pedestal/gain conversion (float32 output) is configured."""
+        """True when pedestal/gain conversion (float32 output) is configured."""
         return self.pedestal_file is not None
 
     @property
     def image_dtype(self) -> np.dtype:
         if self.converts:
             return np.dtype("float32")
-        if self.detector_type == "gigafrost":
-            return np.dtype("uint16")
-        return np.dtype(f"uint{max(8, self.bit_depth)}")
+        return self.kind.image_dtype(self.bit_depth)
 
     def udp_port(self, module_id: int) -> int:
         return self.start_udp_port + module_id
@@ -81,7 +93,7 @@ class DetectorConfig:
     @property
     def rate_hz(self) -> float:
         """The nominal frame rate the buffers are sized for."""
-        return self.nominal_rate_hz or NOMINAL_RATE_HZ[self.detector_type]
+        return self.nominal_rate_hz or self.kind.nominal_rate_hz
 
     def buffer_plan(self) -> BufferPlan:
         """This config's slots, their bytes and the seconds they hold at the nominal rate."""
@@ -91,8 +103,7 @@ class DetectorConfig:
         """The buffers with these slots; None: the default for this detector (1 s of its
         nominal rate within the memory budget)."""
         return plan_buffers(
-            self.rate_hz, self.n_modules,
-            module_format(self.detector_type, self.bit_depth, self.image_shape).frame_bytes,
+            self.rate_hz, self.n_modules, self.module_format.frame_bytes,
             self.image_shape, self.image_dtype, n_frame_slots, n_image_slots)
 
 
@@ -150,37 +161,6 @@ def _positions(raw: Any, n_modules: int | None, errors: list[str]
     return positions
 
 
-def _geometry_errors(detector_type: str, bit_depth: int, n_modules: int,
-                     image_shape: tuple[int, int],
-                     positions: dict[int, tuple[int, int, int, int]]) -> list[str]:
-    """Module positions must fit the image and match the module size (with or without
-    chip gaps); Gigafrost images must split into its 8 quadrant links."""
-    height, width = image_shape
-    if detector_type == "gigafrost":
-        errors = []
-        if n_modules != GIGAFROST_N_MODULES:
-            errors.append(f"n_modules: gigafrost has {GIGAFROST_N_MODULES} modules "
-                          f"(4 quadrants x 2 links), got {n_modules}")
-        if width % 24 or height % 4:
-            errors.append("image_pixel_width, image_pixel_height: gigafrost needs a width "
-                          f"divisible by 24 and a height divisible by 4, got {width}x{height}")
-        return errors
-    fmt = module_format(detector_type, bit_depth, image_shape)
-    sizes = {fmt.module_shape, fmt.chip_gap_shape()}
-    allowed = " or ".join(f"{w}x{h}" for h, w in sorted(sizes))
-    errors = []
-    for module, (sx, sy, ex, ey) in sorted(positions.items()):
-        size = (abs(ey - sy) + 1, abs(ex - sx) + 1)
-        where = f"module_positions[\"{module}\"]"
-        if size not in sizes:
-            errors.append(f"{where}: a {detector_type} module is {allowed} pixels "
-                          f"(width x height), got {size[1]}x{size[0]}")
-        if min(sx, ex) < 0 or max(sx, ex) >= width or min(sy, ey) < 0 or max(sy, ey) >= height:
-            errors.append(f"{where}: corners {[sx, sy, ex, ey]} outside the "
-                          f"{width}x{height} image")
-    return errors
-
-
 def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
     """Validate a config dict; raises ConfigError naming every bad field."""
     if not isinstance(raw, dict):
@@ -194,17 +174,25 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
             f"got {name!r}" if "detector_name" in raw else "detector_name: missing"
         )
     det_type = raw.get("detector_type")
-    if det_type not in DETECTOR_TYPES:
+    kind: DetectorType | None = None
+    try:
+        names = detector_type_names()
+    except DetectorTypeError as exc:  # a detector module of $STDDAQ_DETECTOR_MODULES
+        errors.append(str(exc))
+        names = ()
+    if isinstance(det_type, str) and det_type in names:
+        kind = detector_type(det_type)
+    else:
         errors.append(
-            f"detector_type: expected one of {', '.join(DETECTOR_TYPES)}, got {det_type!r}"
+            f"detector_type: expected one of {', '.join(names)}, got {det_type!r}"
             if "detector_type" in raw else "detector_type: missing"
         )
         det_type = None
 
     n_modules = _int_field(raw, "n_modules", errors, 1, 64)
     bit_depth = _int_field(raw, "bit_depth", errors)
-    if bit_depth is not None and det_type and bit_depth not in BIT_DEPTHS[det_type]:
-        errors.append(f"bit_depth: expected one of {BIT_DEPTHS[det_type]} for {det_type}, "
+    if bit_depth is not None and kind and bit_depth not in kind.bit_depths:
+        errors.append(f"bit_depth: expected one of {kind.bit_depths} for {det_type}, "
                       f"got {bit_depth}")
     height = _int_field(raw, "image_pixel_height", errors, 1, 65535)
     width = _int_field(raw, "image_pixel_width", errors, 1, 65535)
@@ -213,9 +201,10 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
         errors.append(f"start_udp_port: {port} + n_modules {n_modules} passes port 65535")
     user = _int_field(raw, "writer_user_id", errors)
     if "module_positions" not in raw:
-        errors.append("module_positions: missing (use {} for gigafrost)")
+        errors.append("module_positions: missing (use {} for a detector type that places "
+                      "its modules itself, e.g. gigafrost)")
         positions: dict[int, tuple[int, int, int, int]] = {}
-    elif det_type == "gigafrost":
+    elif kind is not None and not kind.uses_module_positions:
         positions = {}
     else:
         positions = _positions(raw["module_positions"], n_modules, errors)
@@ -257,8 +246,9 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
             optional[path_field] = value
     if ("pedestal_file" in optional) != ("gain_file" in optional):
         errors.append("pedestal_file, gain_file: give both or neither")
-    if "pedestal_file" in optional and det_type not in (None, "jungfrau"):
-        errors.append(f"pedestal_file: conversion is only for jungfrau, not {det_type}")
+    if "pedestal_file" in optional and kind is not None and not kind.converts:
+        converting = ", ".join(n for n in names if detector_type(n).converts)
+        errors.append(f"pedestal_file: conversion is only for {converting}, not {det_type}")
 
     known = {f for f in DetectorConfig.__dataclass_fields__ if f != "extra"}
     extra = {k: v for k, v in raw.items() if k not in known}
@@ -267,10 +257,9 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
         errors.append(f"{key}: unknown field" + (f" (did you mean {close[0]}?)" if close else
                       " (not a field of stddaq or of the original std-daq)"))
 
-    if (det_type and bit_depth in BIT_DEPTHS[det_type] and n_modules is not None
+    if (kind and bit_depth in kind.bit_depths and n_modules is not None
             and height is not None and width is not None):  # geometry errors come too
-        errors.extend(_geometry_errors(det_type, bit_depth, n_modules, (height, width),
-                                       positions))
+        errors.extend(kind.geometry_errors(bit_depth, n_modules, (height, width), positions))
     if not errors:
         config = DetectorConfig(
             detector_name=name, detector_type=det_type, n_modules=n_modules,  # type: ignore[arg-type]

@@ -16,7 +16,6 @@ import h5py
 import numpy as np
 
 from fastcore.config import ConfigError, DetectorConfig
-from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
 
 _STAGE = np.array([0, 1, 2, 2], np.int64)
 
@@ -39,7 +38,8 @@ def load_calibration(config: DetectorConfig) -> list[np.ndarray]:
     ``pedestal_file`` and ``gain_file`` are .npy or HDF5 (dataset ``gains``) arrays of shape
     (3, n_modules * 512, 1024), modules stacked along the rows.
     """
-    expected = (3, config.n_modules * JUNGFRAU_MODULE_SHAPE[0], JUNGFRAU_MODULE_SHAPE[1])
+    rows, cols = config.module_format.module_shape
+    expected = (3, config.n_modules * rows, cols)
     arrays = {}
     for field in ("pedestal_file", "gain_file"):
         path = os.fspath(getattr(config, field))
@@ -51,10 +51,9 @@ def load_calibration(config: DetectorConfig) -> list[np.ndarray]:
     gain = arrays["gain_file"]
     if not np.all(np.isfinite(gain)) or np.any(gain == 0):
         raise ConfigError(f"gain_file: {config.gain_file} holds zero or non-finite gains")
-    rows = JUNGFRAU_MODULE_SHAPE[0]
     modules = []
     for m in range(config.n_modules):
-        calibration = np.empty((2, 3, rows, JUNGFRAU_MODULE_SHAPE[1]), np.float32)
+        calibration = np.empty((2, 3, rows, cols), np.float32)
         calibration[0] = arrays["pedestal_file"][:, m * rows : (m + 1) * rows]
         calibration[1] = 1.0 / gain[:, m * rows : (m + 1) * rows]
         modules.append(calibration)

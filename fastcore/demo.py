@@ -22,22 +22,19 @@ import zmq
 
 from fastcore.buffers import ImageBuffer, ShmBufferError, SlotOverwrittenError, shm_name
 from fastcore.config import ConfigError, DetectorConfig, load_config
-from fastcore.detectors import module_format
 from fastcore.formats import image_records
 from fastcore.geometry import module_blocks
 from fastcore.launch import ChildProcess
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
-from fastcore.simulator import simulated_pixels
 
 
 def simulated_image(config: DetectorConfig, frame: int) -> np.ndarray:
     """The raw image the simulator's frame must assemble to (no conversion)."""
-    fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+    shape = config.module_format.module_shape
     image = np.zeros(config.image_shape, config.image_dtype)
     for module in range(config.n_modules):
-        pixels = simulated_pixels(config.detector_type, config.bit_depth, fmt.module_shape,
-                               frame, module)
+        pixels = config.kind.simulated_pixels(config.bit_depth, shape, frame, module)
         for source, dest in module_blocks(config, module):
             image[dest] = pixels[source]
     return image

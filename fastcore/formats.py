@@ -1,8 +1,8 @@
 """Every binary layout of stddaq, defined once as numpy structured dtypes.
 
 All layouts are little-endian and packed. The stddaq stream structs (DESIGN.md section 3)
-are all ``uint64`` fields; the UDP packet headers follow the detectors' wire formats
-(slsDetectorPackage for Jungfrau/Eiger, PSI Gigafrost).
+are all ``uint64`` fields. The UDP packet headers are the detectors' own: each detector
+type's module in :mod:`fastcore.detectors` defines its header.
 """
 
 from __future__ import annotations
@@ -98,65 +98,6 @@ def code_dtype(code: int) -> np.dtype:
             f"unknown ImageMetadata dtype code {code}; known: {sorted(_CODE_DTYPES)}"
         ) from None
 
-
-# --- UDP packet headers ---------------------------------------------------------------
-
-JUNGFRAU_HEADER = np.dtype(
-    [
-        ("framenum", "<u8"),
-        ("exptime", "<u4"),
-        ("packetnum", "<u4"),
-        ("bunchid", "<f8"),
-        ("timestamp", "<u8"),
-        ("module_id", "<u2"),
-        ("x", "<u2"),
-        ("y", "<u2"),
-        ("z", "<u2"),
-        ("debug", "<u4"),
-        ("round_robin", "<u2"),
-        ("detector_type", "u1"),
-        ("header_version", "u1"),
-    ]
-)
-"""slsDetector header of Jungfrau packets (48 B); payload 8192 B."""
-
-EIGER_HEADER = np.dtype(
-    [
-        ("framenum", "<u8"),
-        ("exp_length", "<u4"),
-        ("packetnum", "<u4"),
-        ("det_spec1", "<u8"),
-        ("timestamp", "<u8"),
-        ("module_id", "<u2"),
-        ("row", "<u2"),
-        ("column", "<u2"),
-        ("det_spec2", "<u2"),
-        ("det_spec3", "<u4"),
-        ("round_robin", "<u2"),
-        ("detector_type", "u1"),
-        ("header_version", "u1"),
-    ]
-)
-"""slsDetector header of Eiger packets (48 B); payload 4096 B."""
-
-GIGAFROST_HEADER = np.dtype(
-    [
-        ("protocol_id", "u1"),
-        ("quadrant_row_length_in_blocks", "u1"),
-        ("quadrant_rows", "u1"),
-        ("status_flags", "u1"),
-        ("scan_id", "<u4"),
-        ("frame_index", "<u4"),
-        ("image_status_flags", "<u2"),
-        ("packet_starting_row", "<u2"),
-        ("image_timing", "<u8"),
-        ("sync_time", "<u4"),
-        ("scan_time", "<u4"),
-    ]
-)
-"""Gigafrost packet header (32 B); payload up to 7400 B of 12-bit packed pixels."""
-
-GIGAFROST_PROTOCOL_ID = 0xCB
 
 def pack(dtype: np.dtype, /, **fields: int | float) -> bytes:
     """One struct of ``dtype`` as bytes; unnamed fields are 0 (``dtype`` is positional-only,

@@ -1,14 +1,14 @@
-"""Detector simulator: Jungfrau, Eiger and Gigafrost UDP streams with known pixel content.
+"""Detector simulator: UDP streams of any detector type, with known pixel content.
 
 Module ``m`` sends to ``start_udp_port + m``. Pixel content is a documented function of
-frame, module and pixel (:func:`simulated_pixels`), so tests can compute every expected image.
+frame, module and pixel (:func:`simulated_pixels`, defined by each detector type with its
+packet headers and wire encoding), so tests can compute every expected image.
 Faults can be injected: dropped, reordered and duplicated packets, and silent modules.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import socket
 import sys
@@ -19,110 +19,33 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastcore.config import ConfigError, DetectorConfig, load_config
-from fastcore.detectors import ModuleFormat, gigafrost_quadrant, module_format
-from fastcore.formats import GIGAFROST_PROTOCOL_ID
-from fastcore.pixels import pack_4bit, pack_12bit
+from fastcore.detectors import ModuleFormat, detector_type
+from fastcore.detectors.simulated import daq_rec_of, pulse_id_of
 from fastcore.process import setup_logging
 from fastcore.udp import MessageVector
 
+__all__ = ["DetectorSimulator", "Faults", "daq_rec_of", "encode_frame", "packet_headers",
+           "packet_order", "pulse_id_of", "simulated_pixels"]
+
 log = logging.getLogger(__name__)
 
-_JUNGFRAU_GAIN_CODES = np.array([0, 0, 0, 0, 0, 0, 1, 3], np.uint16)
 
-
-def pulse_id_of(frame: int) -> int:
-    """Pulse id the simulator sends with a frame (Jungfrau bunchid, Eiger detSpec1)."""
-    return 1_000_000 + 10 * frame
-
-
-def daq_rec_of(frame: int) -> int:
-    """Jungfrau debug word (daq_rec) the simulator sends with a frame."""
-    return frame % 7
-
-
-@functools.lru_cache(maxsize=64)
-def _pattern(shape: tuple[int, int], module: int) -> tuple[np.ndarray, np.ndarray]:
-    """(3*row + 7*col + 101*module as uint32, Jungfrau gain bits of each of the 8 phases
-    ``(row//32 + col//32 + module + frame) % 8`` as uint16 (8, rows, cols))."""
-    rows = np.arange(shape[0], dtype=np.uint32)[:, None]
-    cols = np.arange(shape[1], dtype=np.uint32)[None, :]
-    base = 3 * rows + 7 * cols + np.uint32(101 * module)
-    block = (rows // 32 + cols // 32 + module) % 8
-    gain_bits = np.stack([(_JUNGFRAU_GAIN_CODES[(block + phase) % 8] << 14)
-                          for phase in range(8)]).astype(np.uint16)
-    return base, gain_bits
-
-
-def simulated_pixels(detector_type: str, bit_depth: int, shape: tuple[int, int], frame: int,
-                  module: int) -> np.ndarray:
-    """Pixel values of one module frame, before any packing on the wire.
-
-    ``base = 3*row + 7*col + 11*frame + 101*module``. Jungfrau: ADC = base % 16384 with the
-    gain bits 14-15 set per 32x32 block ``b = row//32 + col//32``: code
-    ``[0,0,0,0,0,0,1,3][(b + frame + module) % 8]`` (uint16). Eiger: base % 2**bit_depth
-    (uint8 for 4 and 8 bit, uint16, uint32). Gigafrost: base % 4096 (uint16).
-    """
-    base, gain_bits = _pattern(tuple(shape), module)
-    if detector_type == "jungfrau":
-        value = base.astype(np.uint16) + np.uint16((11 * frame) % 2**16)  # wraps mod 2**16
-        value &= 0x3FFF
-        value |= gain_bits[frame % 8]
-        return value
-    value = base + np.uint32((11 * frame) % 2**32)
-    if detector_type == "eiger":
-        if bit_depth == 32:
-            return value
-        dtype = np.uint8 if bit_depth <= 8 else np.uint16
-        return (value & (2**bit_depth - 1)).astype(dtype)
-    return (value & 0xFFF).astype(np.uint16)
+def simulated_pixels(detector_type_name: str, bit_depth: int, shape: tuple[int, int],
+                     frame: int, module: int) -> np.ndarray:
+    """Pixel values of one module frame, before any packing on the wire: a function of
+    ``base = 3*row + 7*col + 11*frame + 101*module`` documented by each detector type."""
+    return detector_type(detector_type_name).simulated_pixels(bit_depth, shape, frame, module)
 
 
 def encode_frame(fmt: ModuleFormat, pixels: np.ndarray) -> np.ndarray:
     """Module pixels -> the frame bytes as the payloads of its packets, concatenated."""
-    if fmt.detector_type == "gigafrost":
-        rows = pack_12bit(pixels)
-        frame = np.zeros((fmt.n_packets, fmt.payload_bytes), np.uint8)
-        per_packet = fmt.rows_per_packet * rows.shape[1]
-        padded = np.zeros((fmt.n_packets * fmt.rows_per_packet, rows.shape[1]), np.uint8)
-        padded[: len(rows)] = rows
-        frame[:, :per_packet] = padded.reshape(fmt.n_packets, per_packet)
-        return frame.ravel()
-    if fmt.pixel_bits == 4:
-        return pack_4bit(pixels).ravel()
-    return pixels.astype(f"<u{fmt.pixel_bits // 8}").view(np.uint8).ravel()
+    return detector_type(fmt.detector_type).encode_frame(fmt, pixels)
 
 
 def packet_headers(config: DetectorConfig, fmt: ModuleFormat, frame: int, module: int
                    ) -> np.ndarray:
     """Headers of all packets of one module frame, as the detector fills them."""
-    headers = np.zeros(fmt.n_packets, fmt.header)
-    packets = np.arange(fmt.n_packets)
-    if fmt.detector_type == "gigafrost":
-        quadrant, link = gigafrost_quadrant(module)
-        half_height = config.image_pixel_height // 2
-        headers["protocol_id"] = GIGAFROST_PROTOCOL_ID
-        headers["quadrant_row_length_in_blocks"] = fmt.module_shape[1] // 12
-        headers["quadrant_rows"] = (half_height & 0xFF) | (quadrant % 2 == 0)
-        headers["status_flags"] = (quadrant << 6) | (link << 5) | (5 << 2) | (
-            (half_height >> 8) & 3)
-        headers["frame_index"] = frame
-        headers["packet_starting_row"] = packets * fmt.rows_per_packet
-        headers["image_timing"] = 300_000
-        headers["sync_time"] = 200_000
-        headers["scan_time"] = 100_000
-        return headers
-    headers["framenum"] = frame
-    headers["packetnum"] = packets
-    headers["module_id"] = module
-    headers["header_version"] = 2
-    if fmt.detector_type == "jungfrau":
-        headers["bunchid"] = pulse_id_of(frame)
-        headers["debug"] = daq_rec_of(frame)
-        headers["detector_type"] = 3
-    else:
-        headers["det_spec1"] = pulse_id_of(frame)
-        headers["detector_type"] = 1
-    return headers
+    return config.kind.packet_headers(config, fmt, frame, module)
 
 
 @dataclass
@@ -165,7 +88,8 @@ class DetectorSimulator:
         self.config = config
         self.host = host
         self.faults = faults or Faults()
-        self.fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+        self.kind = config.kind
+        self.fmt = config.module_format
         self.stop_event = threading.Event()
         self.frames_sent = 0
         self.packets_sent = 0
@@ -173,10 +97,10 @@ class DetectorSimulator:
 
     def module_frame(self, frame: int, module: int) -> tuple[np.ndarray, np.ndarray]:
         """(headers, frame bytes) of one module frame."""
-        pixels = simulated_pixels(self.config.detector_type, self.config.bit_depth,
-                               self.fmt.module_shape, frame, module)
-        return (packet_headers(self.config, self.fmt, frame, module),
-                encode_frame(self.fmt, pixels))
+        pixels = self.kind.simulated_pixels(self.config.bit_depth, self.fmt.module_shape,
+                                            frame, module)
+        return (self.kind.packet_headers(self.config, self.fmt, frame, module),
+                self.kind.encode_frame(self.fmt, pixels))
 
     def run(self, n_frames: int, rate_hz: float = 0.0, start_frame: int = 1) -> int:
         """Send ``n_frames`` frames (0 = until stopped) at ``rate_hz`` (0 = at full speed)."""

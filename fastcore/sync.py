@@ -22,7 +22,6 @@ import numpy as np
 import zmq
 
 from fastcore.config import DetectorConfig
-from fastcore.detectors import module_format
 from fastcore.formats import MODULE_FRAME, RAW_METADATA, ImageStatus
 from fastcore.names import Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
@@ -182,7 +181,7 @@ MAX_MESSAGES_PER_TURN = 64  # receiver messages taken per loop turn when they qu
 
 def run(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
         timeout_s: float = 0.5) -> SyncStats:
-    fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+    fmt = config.module_format
     sync = FrameSynchronizer(config.n_modules, fmt.n_packets, timeout_s,
                              max_pending=max(2, min(50, config.n_frame_slots // 2)))
     ctx = zmq.Context.instance()

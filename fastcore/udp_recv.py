@@ -35,8 +35,9 @@ import zmq
 
 from fastcore.buffers import FrameBuffer, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.detectors import ModuleFormat, gigafrost_quadrant, module_format
+from fastcore.detectors import ModuleFormat
 from fastcore.formats import INVALID_ID
+from fastcore.geometry import module_origin
 from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
 from fastcore.udp import MSG_TRUNC, MessageVector, open_receive_socket
@@ -90,16 +91,6 @@ class _Run:
 
     def agrees(self, frame: int) -> bool:
         return self.lo <= frame <= self.hi + 1
-
-
-def module_origin(config: DetectorConfig, module_id: int) -> tuple[int, int]:
-    """(pos_y, pos_x) of a module's top-left corner on the image."""
-    if config.detector_type == "gigafrost":
-        quadrant, _ = gigafrost_quadrant(module_id)
-        height, width = config.image_shape
-        return (0 if quadrant >= 2 else height // 2, width // 2 if quadrant % 2 else 0)
-    sx, sy, ex, ey = config.module_positions[module_id]
-    return (min(sy, ey), min(sx, ex))
 
 
 @dataclass
@@ -408,12 +399,7 @@ class FramePlacer:
         self.received[:] = False
         self.n_received = 0
         self.high = -1
-        if self.fmt.detector_type == "jungfrau":
-            self._fields = (int(header["bunchid"]), int(header["debug"]))
-        elif self.fmt.detector_type == "eiger":
-            self._fields = (int(header["det_spec1"]), 0)
-        else:
-            self._fields = (0, int(header["image_status_flags"]))
+        self._fields = self.fmt.frame_fields(header)
 
     def _commit(self) -> None:
         frame, n = self.current, self.n_received
@@ -454,7 +440,7 @@ class ModuleReceiver:
                  batch: int = 128):
         self.config = config
         self.module_id = module_id
-        self.fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+        self.fmt = config.module_format
         self.batch = min(batch, self.fmt.n_packets)
         self.frames_address = frames_address
         self.stop_event = threading.Event()
@@ -531,7 +517,7 @@ def _run_module(receiver: ModuleReceiver, sock: socket.socket) -> None:
 def serve(config: DetectorConfig, modules: list[int], stop: threading.Event,
           ipc_dir: str) -> None:
     """Create the FrameBuffer, bind every module's port, run one process per module."""
-    fmt = module_format(config.detector_type, config.bit_depth, config.image_shape)
+    fmt = config.module_format
     address = ipc_address(ipc_dir, config.detector_name, Stream.FRAMES)
     receivers = [ModuleReceiver(config, m, address) for m in modules]
     sockets = [r.open_socket() for r in receivers]  # an occupied port fails here, clearly

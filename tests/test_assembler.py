@@ -11,7 +11,7 @@ from fastcore.assembler import Assembler, ImageAssembler
 from fastcore.buffers import FrameBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.conversion import convert_reference
-from fastcore.detectors import JUNGFRAU_MODULE_SHAPE
+from fastcore.detectors.jungfrau import MODULE_SHAPE as JUNGFRAU_MODULE_SHAPE
 from fastcore.formats import INVALID_ID, RAW_METADATA, ImageStatus
 from fastcore.names import Segment
 from fastcore.simulator import simulated_pixels

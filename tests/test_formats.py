@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from fastcore import formats
+from fastcore.detectors import gigafrost
+from fastcore.detectors.eiger import HEADER as EIGER_HEADER
+from fastcore.detectors.gigafrost import HEADER as GIGAFROST_HEADER
+from fastcore.detectors.jungfrau import HEADER as JUNGFRAU_HEADER
 from fastcore.formats import (
-    EIGER_HEADER,
-    GIGAFROST_HEADER,
     IMAGE_METADATA,
-    JUNGFRAU_HEADER,
     MODULE_FRAME,
     RAW_METADATA,
     SHM_HEADER,
@@ -139,7 +140,7 @@ def test_jungfrau_header_bytes_on_the_wire():
 
 
 def test_gigafrost_header_bytes_on_the_wire():
-    raw = pack(GIGAFROST_HEADER, protocol_id=formats.GIGAFROST_PROTOCOL_ID,
+    raw = pack(GIGAFROST_HEADER, protocol_id=gigafrost.PROTOCOL_ID,
                status_flags=0b1110_0000, frame_index=0x11223344, packet_starting_row=0x0506)
     assert raw[0] == 0xCB
     assert raw[3] == 0xE0

@@ -1,11 +1,12 @@
-"""Packed pixel formats (fastcore.pixels): Gigafrost 12-bit and Eiger 4-bit."""
+"""Packed pixel formats of the detector types: Gigafrost 12-bit and Eiger 4-bit."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fastcore.pixels import pack_4bit, pack_12bit, unpack_4bit, unpack_12bit
+from fastcore.detectors.eiger import pack_4bit, unpack_4bit
+from fastcore.detectors.gigafrost import pack_12bit, unpack_12bit
 
 RNG = np.random.default_rng(12)
 

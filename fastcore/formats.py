@@ -30,10 +30,14 @@ RAW_METADATA = _u64_struct("id", "pulse_id", "frame_index", "daq_rec", "status")
 """One frame of all modules, sent by sync to the assembler."""
 
 IMAGE_METADATA = _u64_struct(
-    "id", "height", "width", "dtype", "encoding", "source_id", "status", "user_1", "user_2"
+    "id", "height", "width", "dtype", "encoding", "source_id", "status", "user_1", "user_2",
+    "frame_index",
 )
 """One assembled image in the ImageBuffer, published by the assembler (and stream_recv); a
-message of the image stream holds one or more records (the assembler sends a batch as one)."""
+message of the image stream holds one or more records (the assembler sends a batch as one).
+The first nine fields are std-daq's ImageMetadata; ``frame_index`` (stddaq's) is the
+detector's own frame index of the image (RawMetadata.frame_index), which the HDF5 writer
+stores beside the image id."""
 
 
 def image_records(message: bytes | memoryview) -> np.ndarray:

@@ -6,12 +6,13 @@ are fine) and the ImageBuffer, and reports a heartbeat, progress and a summary.
 
 Layout (DESIGN.md section 7): ``/<detector>/data`` (n, H, W), one image per chunk written
 with direct chunk writes straight from the shared-memory view (optionally bitshuffle-lz4,
-HDF5 filter 32008), and ``image_id``, ``status``, ``pulse_id``, ``frame_index``,
-``daq_rec`` (n,) uint64 beside it. Datasets grow image by image, so a file closed early
-(stop, error, SIGTERM) holds exactly the images written; the file is SWMR-readable while
-it is written. An image whose slot was overwritten before or during the write is stored as
-zeros with status NOT_IN_BUFFER and counted missing, never passed off as good data. Ids
-that never reached the writer between two of a run's images are counted as absent.
+HDF5 filter 32008), and ``image_id``, ``status``, ``pulse_id``, ``frame_index`` (the
+detector's frame index, ImageMetadata.frame_index), ``daq_rec`` (n,) uint64 beside it.
+Datasets grow image by image, so a file closed early (stop, error, SIGTERM) holds exactly
+the images written; the file is SWMR-readable while it is written. An image whose slot
+was overwritten before or during the write is stored as zeros with status NOT_IN_BUFFER
+and counted missing, never passed off as good data. Ids that never reached the writer
+between two of a run's images are counted as absent.
 """
 
 from __future__ import annotations
@@ -254,8 +255,8 @@ class RunFile:
                 self.missing_ids.append(image_id)
         else:
             self.n_written += 1
-        self.meta[:, row] = (image_id, status, image_metadata["user_1"], image_id,
-                             image_metadata["user_2"])
+        self.meta[:, row] = (image_id, status, image_metadata["user_1"],
+                             image_metadata["frame_index"], image_metadata["user_2"])
         self.n_rows = row + 1
         return good
 

@@ -28,7 +28,7 @@ from fastcore.formats import (
     [
         (MODULE_FRAME, 64),
         (RAW_METADATA, 40),
-        (IMAGE_METADATA, 72),
+        (IMAGE_METADATA, 80),
         (JUNGFRAU_HEADER, 48),
         (EIGER_HEADER, 48),
         (GIGAFROST_HEADER, 32),
@@ -49,7 +49,7 @@ def test_shm_header_fits_its_page():
                         "module_id", "pos_y", "pos_x"]),
         (RAW_METADATA, ["id", "pulse_id", "frame_index", "daq_rec", "status"]),
         (IMAGE_METADATA, ["id", "height", "width", "dtype", "encoding", "source_id", "status",
-                          "user_1", "user_2"]),
+                          "user_1", "user_2", "frame_index"]),
     ],
 )
 def test_stream_structs_are_packed_little_endian_u64(dtype, names):
@@ -234,6 +234,6 @@ def test_image_stream_messages_hold_one_or_more_records():
     assert list(image_records(records[:1].tobytes())["id"]) == [7]
     assert list(image_records(records.tobytes())["id"]) == [7, 8, 9]
     for bad in (b"", records.tobytes()[:100]):
-        with pytest.raises(ValueError, match=f"whole 72-byte ImageMetadata records, got "
+        with pytest.raises(ValueError, match=f"whole 80-byte ImageMetadata records, got "
                            f"{len(bad)} bytes"):
             image_records(bad)

@@ -22,6 +22,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import IMAGE_METADATA, ImageStatus, dtype_code
+from fastcore.h5_writer import H5Writer
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, daq_rec_of, pulse_id_of
@@ -63,13 +64,15 @@ class WriterHarness:
 
     def put(self, image_id: int, status: int = 0, publish: bool = True) -> np.void:
         """Produce image ``image_id`` (every pixel = id % 65000 + row) in the buffer and
-        announce it (as the assembler does)."""
+        announce it (as the assembler does; the detector's frame index equals the id, as
+        the simulator's)."""
         image = self.images.begin_write(image_id)
         image[:] = (image_id % 65000 + np.arange(image.shape[0])[:, None]).astype(image.dtype)
         meta = np.zeros((), IMAGE_METADATA)
         meta["id"], meta["height"], meta["width"] = image_id, *image.shape
         meta["dtype"], meta["status"] = dtype_code(image.dtype), status
         meta["user_1"], meta["user_2"] = pulse_id_of(image_id), daq_rec_of(image_id)
+        meta["frame_index"] = image_id
         self.images.commit(meta)
         if publish:
             self.pub.send(meta.tobytes())
@@ -585,6 +588,42 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
         for i in range(n):
             np.testing.assert_array_equal(data[i], expected_image(raw, i + 1, data.dtype))
         assert list(f[config.detector_name]["image_id"][:]) == list(range(1, n + 1))
+        # the simulator's frame numbers, carried by ImageMetadata.frame_index
+        assert list(f[config.detector_name]["frame_index"][:]) == list(range(1, n + 1))
+
+
+def test_frame_index_dataset_holds_the_detectors_frame_index(make_config, tmp_path):
+    """In-process writer: ``frame_index`` is ImageMetadata.frame_index (the detector's
+    frame index), not the image id."""
+    path, _ = make_config("jungfrau_1m.json")
+    config = load_config(path)
+    name = config.detector_name
+    images = ImageBuffer.create(shm_name(name, Segment.IMAGE), 8, config.image_shape,
+                                config.image_dtype)
+    events: list[dict] = []
+    writer = H5Writer(config, events.append)
+    out = str(tmp_path / "frame_index.h5")
+    ids, frame_indices = [10, 11, 12, 13], [5000, 5001, 5003, 7]
+    try:
+        writer.command(StartCommand(3, RunInfo(out, len(ids)), 30.0).to_json())
+        assert events[-1]["event"] == "start", events
+        records = np.zeros(len(ids), IMAGE_METADATA)
+        records["id"], records["frame_index"] = ids, frame_indices
+        records["height"], records["width"] = config.image_shape
+        records["dtype"] = dtype_code(config.image_dtype)
+        for record in records:
+            images.begin_write(int(record["id"]))[:] = int(record["id"])
+            images.commit(record)
+        writer.take(records)
+    finally:
+        writer.close()
+        images.close()
+    assert events[-1]["event"] == "stop" and events[-1]["outcome"] == "success", events
+    with h5py.File(out, "r") as f:
+        group = f[name]
+        assert list(group["image_id"][:]) == ids
+        assert list(group["frame_index"][:]) == frame_indices
+        assert [int(image.max()) for image in group["data"]] == ids
 
 
 def test_file_is_swmr_readable_while_written(harness, tmp_path):

@@ -52,11 +52,16 @@ from fastcore.writer_protocol import (
     INTERRUPTED,
     REPLACED,
     STOPPED,
+    Heartbeat,
     ProtocolError,
     RunInfo,
+    RunProgress,
+    RunStarted,
     RunSummary,
     StartCommand,
     StopCommand,
+    WriterEvent,
+    WriterFailure,
     decode_command,
 )
 
@@ -409,9 +414,9 @@ class Run:
 
 class H5Writer:
     """The writer's logic, socket-free: ``command`` and ``take`` feed it, ``tick`` runs its
-    timers; ``publish(event_dict)`` reports every event."""
+    timers; ``publish(event)`` reports every event (a ``writer_protocol`` event)."""
 
-    def __init__(self, config: DetectorConfig, publish: Callable[[dict], None],
+    def __init__(self, config: DetectorConfig, publish: Callable[[WriterEvent], None],
                  compression: str = "none", journal: str | None = None):
         self.config = config
         self.publish = publish
@@ -429,7 +434,7 @@ class H5Writer:
         try:
             command = decode_command(data)
         except ProtocolError as exc:
-            self.publish({"event": "error", "run_id": None, "message": str(exc)})
+            self.publish(WriterFailure(None, str(exc)))
             return
         if isinstance(command, StopCommand):
             if self.run is not None and self.run.run_id == command.run_id:
@@ -462,8 +467,7 @@ class H5Writer:
         self._write_journal(file)
         log.info("run %d: writing %d images to %s%s", run_id, info.n_images, path,
                  f" after its {file.base} rows" if info.append else "")
-        self.publish({"event": "start", "run_id": run_id, "output_file": path,
-                      "n_images": info.n_images, "first_row": file.base})
+        self.publish(RunStarted(run_id, path, info.n_images, file.base))
 
     def _image_buffer(self) -> ImageBuffer:
         """The ImageBuffer, attached once and kept (a fresh mapping would page-fault through
@@ -476,7 +480,7 @@ class H5Writer:
 
     def _fail_open(self, run_id: int, message: str) -> None:
         log.error("run %d: %s", run_id, message)
-        self.publish({"event": "error", "run_id": run_id, "message": message})
+        self.publish(WriterFailure(run_id, message))
 
     def take(self, records: np.ndarray) -> None:
         """Live ImageMetadata records, in arrival order (dropped when no run is open)."""
@@ -513,8 +517,8 @@ class H5Writer:
                 self._flush(run)
         if now - self._beat_at > HEARTBEAT_S:
             self._beat_at = now
-            self.publish({"event": "heartbeat", "pid": os.getpid(), "sent_at": time.time(),
-                          "run_id": self.run.run_id if self.run else None})
+            self.publish(Heartbeat(os.getpid(), time.time(),
+                                   self.run.run_id if self.run else None))
 
     def _flush(self, run: Run) -> None:
         """Flush, then report the rows flushed as written (a kill cannot take them back)."""
@@ -525,9 +529,8 @@ class H5Writer:
         except OSError as exc:  # h5py reports a full disk this way
             self.finish(FAILED, f"flushing {file.path} failed: {exc}", failed=True)
             return
-        self.publish({"event": "progress", "run_id": run.run_id, "n_rows": file.n_rows,
-                      "n_written": file.n_written, "n_missing": file.n_missing,
-                      "n_absent": run.absent.count})
+        self.publish(RunProgress(run.run_id, file.n_rows, file.n_written, file.n_missing,
+                                 run.absent.count))
 
     def finish(self, reason: str, message: str = "", failed: bool = False) -> None:
         run, self.run = self.run, None
@@ -542,7 +545,7 @@ class H5Writer:
         summary = run.summary(reason, message)
         log.info("run %d %s: %s%s", run.run_id, reason, summary.describe(),
                  f": {message}" if message else "")
-        self.publish(summary.event())
+        self.publish(summary)
 
     def close(self) -> None:
         """The process ends (SIGTERM): close the open run's file valid."""
@@ -618,7 +621,7 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     status.bind(ipc_address(ipc_dir, name, Stream.WRITER_STATUS))
     images = subscribe(ctx, ipc_address(ipc_dir, name, Stream.IMAGE))
     journal = os.path.join(ipc_dir, f"stddaq-{name}-writer.open")
-    writer = H5Writer(config, lambda event: status.send_json(event), compression, journal)
+    writer = H5Writer(config, lambda event: status.send(event.to_json()), compression, journal)
     writer.recover()
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)

@@ -26,7 +26,14 @@ from fastcore.h5_writer import H5Writer
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, daq_rec_of, pulse_id_of
-from fastcore.writer_protocol import RunInfo, StartCommand, StopCommand
+from fastcore.writer_protocol import (
+    RunInfo,
+    RunStarted,
+    RunSummary,
+    StartCommand,
+    StopCommand,
+    WriterEvent,
+)
 from services.writer_agent import WriterAgent
 from tests.conftest import REPO, Proc, module_cmd
 from tests.pipeline import Pipeline
@@ -600,13 +607,13 @@ def test_frame_index_dataset_holds_the_detectors_frame_index(make_config, tmp_pa
     name = config.detector_name
     images = ImageBuffer.create(shm_name(name, Segment.IMAGE), 8, config.image_shape,
                                 config.image_dtype)
-    events: list[dict] = []
+    events: list[WriterEvent] = []
     writer = H5Writer(config, events.append)
     out = str(tmp_path / "frame_index.h5")
     ids, frame_indices = [10, 11, 12, 13], [5000, 5001, 5003, 7]
     try:
         writer.command(StartCommand(3, RunInfo(out, len(ids)), 30.0).to_json())
-        assert events[-1]["event"] == "start", events
+        assert isinstance(events[-1], RunStarted), events
         records = np.zeros(len(ids), IMAGE_METADATA)
         records["id"], records["frame_index"] = ids, frame_indices
         records["height"], records["width"] = config.image_shape
@@ -618,7 +625,7 @@ def test_frame_index_dataset_holds_the_detectors_frame_index(make_config, tmp_pa
     finally:
         writer.close()
         images.close()
-    assert events[-1]["event"] == "stop" and events[-1]["outcome"] == "success", events
+    assert isinstance(events[-1], RunSummary) and events[-1].outcome == "success", events
     with h5py.File(out, "r") as f:
         group = f[name]
         assert list(group["image_id"][:]) == ids

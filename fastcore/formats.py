@@ -48,6 +48,22 @@ def image_records(message: bytes | memoryview) -> np.ndarray:
                          f"ImageMetadata records, got {len(message)} bytes")
     return np.frombuffer(message, IMAGE_METADATA)
 
+
+def image_message(metadata: np.void, image: bytes | np.ndarray) -> list:
+    """One replicated image as stream_send sends it and stream_recv takes it: the frames
+    ``[ImageMetadata, image bytes]`` of a multipart message."""
+    return [metadata.tobytes(), image]
+
+
+def parse_image_message(frames: list) -> tuple[np.void, memoryview]:
+    """(ImageMetadata, image bytes) of an :func:`image_message` (frames: bytes-likes);
+    ValueError on another shape of message."""
+    if len(frames) != 2 or len(frames[0]) != IMAGE_METADATA.itemsize:
+        raise ValueError(f"expected [ImageMetadata, image], got {len(frames)} frame(s)"
+                         + (f" of {[len(f) for f in frames][:4]} bytes" if frames else ""))
+    return np.frombuffer(frames[0], IMAGE_METADATA)[0], memoryview(frames[1])
+
+
 class ImageStatus(enum.IntFlag):
     """Bit flags of RawMetadata.status and ImageMetadata.status (0 = good image)."""
 

@@ -17,8 +17,10 @@ from fastcore.formats import (
     SHM_HEADER_BYTES,
     code_dtype,
     dtype_code,
+    image_message,
     image_records,
     pack,
+    parse_image_message,
     unpack,
 )
 
@@ -237,3 +239,17 @@ def test_image_stream_messages_hold_one_or_more_records():
         with pytest.raises(ValueError, match=f"whole 80-byte ImageMetadata records, got "
                            f"{len(bad)} bytes"):
             image_records(bad)
+
+
+def test_replicated_image_message_reads_back_and_refuses_other_shapes():
+    meta = np.zeros((), IMAGE_METADATA)
+    meta["id"], meta["frame_index"], meta["height"], meta["width"] = 5, 99, 2, 3
+    image = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    frames = [bytes(memoryview(f)) for f in image_message(meta, image)]
+    got, data = parse_image_message(frames)
+    assert got.tobytes() == meta.tobytes() and int(got["frame_index"]) == 99
+    np.testing.assert_array_equal(np.frombuffer(data, np.uint16).reshape(2, 3), image)
+    for bad in ([frames[0]], [frames[0][:-8], frames[1]], [*frames, b""]):
+        with pytest.raises(ValueError, match=r"expected \[ImageMetadata, image\], got "
+                           f"{len(bad)} frame"):
+            parse_image_message(bad)

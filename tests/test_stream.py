@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import h5py
@@ -12,6 +11,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.names import Segment
+from fastcore.preview import parse_preview_message
 from fastcore.simulator import DetectorSimulator
 from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, WriterFailure
 from services.writer_agent import WriterLink
@@ -151,8 +151,7 @@ def test_preview_is_rate_limited_and_whole(make_config, ipc_dir, tmp_path):
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 if viewer.poll(100):
-                    header, data = viewer.recv_multipart()
-                    previews.append((json.loads(header), data))
+                    previews.append(parse_preview_message(viewer.recv_multipart()))
             viewer.close(0)
         finally:
             assert preview.stop() == 0
@@ -160,7 +159,8 @@ def test_preview_is_rate_limited_and_whole(make_config, ipc_dir, tmp_path):
     frames = [h["frame"] for h, _ in previews]
     assert frames == sorted(frames) and len(set(frames)) == len(frames)
     assert frames[-1] == 60, "the newest image is previewed when the stream stops"
-    for header, data in previews:
+    for header, image in previews:
+        assert set(header) == {"type", "shape", "frame", "status"}  # std-daq's live stream
         assert header["type"] == "uint16" and header["shape"] == list(config.image_shape)
-        image = np.frombuffer(data, np.uint16).reshape(config.image_shape)
+        assert image.dtype == np.uint16 and image.shape == config.image_shape
         np.testing.assert_array_equal(image, expected_image(raw, header["frame"], np.uint16))

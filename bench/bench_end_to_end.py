@@ -37,6 +37,7 @@ import bench_receive as br
 
 from fastcore.formats import MODULE_FRAME
 from fastcore.launch import ChildProcess
+from fastcore.names import Stream
 from fastcore.process import ipc_address
 from fastcore.udp import DEFAULT_RCVBUF
 from fastcore.writer_protocol import (
@@ -86,7 +87,7 @@ def send_timed(sender, port: int, rate: float, frames: int, first: int) -> tuple
 def receive_only(sender, config: Path, name: str, port: int, work: Path, rates, seconds):
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
-    pull.bind(ipc_address(str(work), name, "frames"))
+    pull.bind(ipc_address(str(work), name, Stream.FRAMES))
     recv = start("fastcore.udp_recv", config, work)
     results, frame = {}, 1
     try:

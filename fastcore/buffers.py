@@ -28,6 +28,7 @@ from fastcore.formats import (
     code_dtype,
     dtype_code,
 )
+from fastcore.names import Segment
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,14 @@ class SlotOverwrittenError(ShmBufferError):
     """The slot was rewritten with another id while it was read."""
 
 
-def shm_name(detector_name: str, buffer: str) -> str:
+def shm_prefix(detector_name: str) -> str:
+    """What the names of all of a detector's segments begin with, e.g. ``stddaq.JF1M.``."""
+    return f"stddaq.{detector_name}."
+
+
+def shm_name(detector_name: str, buffer: Segment) -> str:
     """Segment name of a detector's buffer, e.g. ``stddaq.JF1M.image``."""
-    return f"stddaq.{detector_name}.{buffer}"
+    return f"{shm_prefix(detector_name)}{buffer}"
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -76,6 +76,12 @@ _FLAGS = [flag for flag in ImageStatus if flag]
 BITSHUFFLE_FILTER = 32008  # HDF5's registered id of the bitshuffle filter
 
 
+def journal_path(ipc_dir: str, detector_name: str) -> str:
+    """The writer's journal: which file it has open, for its successor to repair after a
+    kill."""
+    return os.path.join(ipc_dir, f"stddaq-{detector_name}-writer.open")
+
+
 class WriteError(RuntimeError):
     """A run's file cannot be opened or written; the message names the path."""
 
@@ -620,7 +626,7 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     status = ctx.socket(zmq.PUB)
     status.bind(ipc_address(ipc_dir, name, Stream.WRITER_STATUS))
     images = subscribe(ctx, ipc_address(ipc_dir, name, Stream.IMAGE))
-    journal = os.path.join(ipc_dir, f"stddaq-{name}-writer.open")
+    journal = journal_path(ipc_dir, name)
     writer = H5Writer(config, lambda event: status.send(event.to_json()), compression, journal)
     writer.recover()
     poller = zmq.Poller()

@@ -22,7 +22,7 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import IMAGE_METADATA, ImageStatus, dtype_code
-from fastcore.h5_writer import H5Writer
+from fastcore.h5_writer import H5Writer, journal_path
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, daq_rec_of, pulse_id_of
@@ -561,7 +561,7 @@ def test_malformed_and_stale_commands_are_reported(harness, tmp_path):
 def test_missing_image_buffer_is_reported(harness, tmp_path):
     h = harness(start_buffer=False)
     message = h.start(str(tmp_path / "x.h5"), 1, until="error")["message"]
-    assert f"stddaq.{h.name}.image does not exist" in message
+    assert f"{shm_name(h.name, Segment.IMAGE)} does not exist" in message
 
 
 def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
@@ -668,7 +668,7 @@ def test_kill_9_leaves_a_file_the_restarted_writer_repairs(harness, tmp_path):
         h.put(image_id)
     h.written(12)  # reported written = flushed: a kill cannot take them back
     reserve = tmp_path / ".killed.h5.reserve"
-    journal = os.path.join(h.ipc_dir, f"stddaq-{h.name}-writer.open")
+    journal = journal_path(h.ipc_dir, h.name)
     assert reserve.exists() and os.path.exists(journal)
     h.writer.popen.kill()
     h.writer.popen.wait(10)

@@ -200,7 +200,7 @@ class WriterAgent:
         self._busy = threading.Lock()
         self._current: tuple[str, str] | None = None  # (request_id, output_file)
         self._kill = threading.Event()
-        self._prepared: _Run | None = None
+        self._opened: _Run | None = None  # the run before_start opened, for on_request
         self._link: WriterLink | None = None
         self.counters = {"requests": 0, "succeeded": 0, "partial": 0, "failed": 0,
                          "images_written": 0, "images_missing": 0}
@@ -213,10 +213,11 @@ class WriterAgent:
         """Refuse a bad request before it starts (the broker service calls this first)."""
         validate_write_request(request, self.config)
 
-    def prepare(self, request_id: str, request: Any) -> None:
+    def before_start(self, request_id: str, request: Any) -> None:
         """Claim the detector and have the writer open the file before the request is
-        announced as started (the broker service calls this first), so no image after the
-        start is missed and a file that cannot be written refuses the request."""
+        announced as started (the broker service's hook before ``request_start``), so no
+        image after the start is missed and a file that cannot be written refuses the
+        request."""
         write = validate_write_request(request, self.config)
         if not self._busy.acquire(blocking=False):
             current_id, current_file = self._current or ("?", "?")
@@ -229,17 +230,17 @@ class WriterAgent:
                 self._link = WriterLink(self.ipc_dir, self.config.detector_name)
             run = _Run(self, self._link, request_id, write)
             run.start()
-            self._prepared = run
+            self._opened = run
         except BaseException:
             self._current = None
             self._busy.release()
             raise
 
     def on_request(self, request_id: str, request: Any) -> dict:
-        prepared = self._prepared
-        if prepared is None or prepared.request_id != request_id:
-            self.prepare(request_id, request)
-        run, self._prepared = self._prepared, None
+        opened = self._opened
+        if opened is None or opened.request_id != request_id:
+            self.before_start(request_id, request)
+        run, self._opened = self._opened, None
         self.counters["requests"] += 1
         try:
             result = run.follow()

@@ -578,7 +578,7 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
         try:
             writer.wait_for("ready")
             request = {"output_file": out, "n_images": n}
-            agent.prepare("e2e", request)  # the file is open: the next n images are its
+            agent.before_start("e2e", request)  # the file is open: the next n images are its
             sending = threading.Thread(target=DetectorSimulator(config).run, args=(n, 30))
             sending.start()
             result = agent.on_request("e2e", request)

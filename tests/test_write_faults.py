@@ -37,7 +37,7 @@ def test_receiver_killed_mid_write_ends_the_request_after_the_image_timeout(
         outcome: dict = {}
         try:
             writer.wait_for("ready")
-            agent.prepare("r1", {"output_file": str(out), "n_images": 1000})
+            agent.before_start("r1", {"output_file": str(out), "n_images": 1000})
             sending.start()
 
             def request() -> None:

@@ -92,7 +92,7 @@ def run_in_thread(agent, request_id, request):
 
     thread = threading.Thread(target=target)
     thread.start()
-    time.sleep(0.4)  # on_request has the writer open the file (prepare) before images come
+    time.sleep(0.4)  # on_request has the writer open the file (before_start) before images come
     return thread, outcome
 
 

@@ -37,9 +37,17 @@ import bench_receive as br
 
 from fastcore.formats import MODULE_FRAME
 from fastcore.launch import ChildProcess
+from fastcore.names import Stream
 from fastcore.process import ipc_address
 from fastcore.udp import DEFAULT_RCVBUF
-from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, StopCommand
+from fastcore.writer_protocol import (
+    RunInfo,
+    RunStarted,
+    RunSummary,
+    StartCommand,
+    StopCommand,
+    WriterFailure,
+)
 from services.writer_agent import WriterLink
 
 RATES = [100, 250, 500, 1000, 1500, 2000, 2500]
@@ -79,7 +87,7 @@ def send_timed(sender, port: int, rate: float, frames: int, first: int) -> tuple
 def receive_only(sender, config: Path, name: str, port: int, work: Path, rates, seconds):
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
-    pull.bind(ipc_address(str(work), name, "frames"))
+    pull.bind(ipc_address(str(work), name, Stream.FRAMES))
     recv = start("fastcore.udp_recv", config, work)
     results, frame = {}, 1
     try:
@@ -144,15 +152,14 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
             prefault(work, n)
             link.drain()
             link.send(StartCommand(run_id, RunInfo(str(out), n), 30.0).to_json())
-            _await(link, run_id, "start")
+            _await(link, run_id, RunStarted)
             cpu = {stage: cpu_seconds(child) for stage, child in stages.items()}
             sent, sent_hz = send_timed(sender, port, rate, n, frame)
             frame += sent
-            summary = _await(link, run_id, "stop", 5.0)
+            summary = _await(link, run_id, RunSummary, 5.0)
             if summary is None:  # images lost before the writer: end the run
                 link.send(StopCommand(run_id).to_json())
-                summary = _await(link, run_id, "stop")
-            summary = RunSummary.from_event(summary)
+                summary = _await(link, run_id, RunSummary)
             cpu_ms = {stage: round((cpu_seconds(child) - cpu[stage]) * 1e3 / sent, 3)
                       for stage, child in stages.items()}
             out.unlink()
@@ -173,18 +180,19 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
     return results
 
 
-def _await(link: WriterLink, run_id: int, kind: str, timeout: float = 60.0) -> dict | None:
+def _await(link: WriterLink, run_id: int, kind: type, timeout: float = 60.0):
     """The writer's ``kind`` event of ``run_id``; None after ``timeout`` for a stop."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         event = link.receive(0.2)
-        if event and event.get("run_id") == run_id and event["event"] in (kind, "error"):
-            if event["event"] == "error":
-                raise RuntimeError(f"the writer refused run {run_id}: {event['message']}")
-            return event
-    if kind == "stop":
+        if event is not None and event.run_id == run_id:
+            if isinstance(event, WriterFailure):
+                raise RuntimeError(f"the writer refused run {run_id}: {event.message}")
+            if isinstance(event, kind):
+                return event
+    if kind is RunSummary:
         return None
-    raise RuntimeError(f"no {kind} from the writer for run {run_id} in {timeout:g} s")
+    raise RuntimeError(f"no {kind.EVENT} from the writer for run {run_id} in {timeout:g} s")
 
 
 def drain_costs(ctx, sender, port: int, rates, seconds: float) -> dict[int, float]:

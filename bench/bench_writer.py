@@ -28,7 +28,7 @@ from fastcore.formats import IMAGE_METADATA, dtype_code
 from fastcore.h5_writer import MAX_BATCH, H5Writer
 from fastcore.names import Segment
 from fastcore.simulator import simulated_pixels
-from fastcore.writer_protocol import RunInfo, StartCommand
+from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, WriterEvent
 
 SIZES = {"1MiB": (512, 1024), "4MiB": (1024, 2048)}
 
@@ -63,7 +63,7 @@ def plain_write(images: ImageBuffer, n: int, path: str) -> float:
     return time.perf_counter() - start
 
 
-def writer_write(writer: H5Writer, events: list[dict], metas, path: str,
+def writer_write(writer: H5Writer, events: list[WriterEvent], metas, path: str,
                  run_id: int) -> tuple[float, int]:
     """One run of ``writer`` (a long-lived H5Writer, as in the service, which keeps the
     ImageBuffer attached between runs): seconds until the file is closed and fsynced."""
@@ -79,7 +79,7 @@ def writer_write(writer: H5Writer, events: list[dict], metas, path: str,
     os.close(fd)
     elapsed = time.perf_counter() - start
     stop = events[-1]
-    assert stop["event"] == "stop" and stop["n_written"] == n, stop
+    assert isinstance(stop, RunSummary) and stop.n_written == n, stop
     return elapsed, os.path.getsize(path)
 
 
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 metas = fill_buffer(images, n)
                 times: dict[str, list[float]] = {"plain": [], "raw": [], "bslz4": []}
                 compressed_size = 0
-                raw_events: list[dict] = []
-                bs_events: list[dict] = []
+                raw_events: list[WriterEvent] = []
+                bs_events: list[WriterEvent] = []
                 raw_writer = H5Writer(config, raw_events.append, "none")
                 bs_writer = H5Writer(config, bs_events.append, "bitshuffle-lz4")
                 for trial in range(args.repeat + 1):  # trial 0: page cache, attach, warm-up

@@ -254,6 +254,7 @@ class Assembler:
                 statuses[k] |= ImageStatus.ID_MISMATCH
             meta["id"], meta["status"] = ids[k], statuses[k]
             meta["user_1"], meta["user_2"] = raw["pulse_id"], raw["daq_rec"]
+            meta["frame_index"] = raw["frame_index"]
             images.commit(meta)
             published.append(meta.tobytes())
             self.images += 1

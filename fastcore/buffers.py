@@ -28,6 +28,7 @@ from fastcore.formats import (
     code_dtype,
     dtype_code,
 )
+from fastcore.names import Segment
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _segment_path(name: str) -> str:
     return os.path.join(directory, name)
 _PAGE = 4096
 SEGMENT_MODE = 0o640  # the creating user writes; its group (consumers run as it) reads
-_IMAGE_META_BYTES = 128  # ImageMetadata (72 B) padded to two cache lines
+_IMAGE_META_BYTES = 128  # ImageMetadata (80 B) padded to two cache lines
 
 
 class ShmBufferError(RuntimeError):
@@ -71,9 +72,14 @@ class SlotOverwrittenError(ShmBufferError):
     """The slot was rewritten with another id while it was read."""
 
 
-def shm_name(detector_name: str, buffer: str) -> str:
+def shm_prefix(detector_name: str) -> str:
+    """What the names of all of a detector's segments begin with, e.g. ``stddaq.JF1M.``."""
+    return f"stddaq.{detector_name}."
+
+
+def shm_name(detector_name: str, buffer: Segment) -> str:
     """Segment name of a detector's buffer, e.g. ``stddaq.JF1M.image``."""
-    return f"stddaq.{detector_name}.{buffer}"
+    return f"{shm_prefix(detector_name)}{buffer}"
 
 
 def _round_up(value: int, multiple: int) -> int:

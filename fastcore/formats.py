@@ -30,10 +30,14 @@ RAW_METADATA = _u64_struct("id", "pulse_id", "frame_index", "daq_rec", "status")
 """One frame of all modules, sent by sync to the assembler."""
 
 IMAGE_METADATA = _u64_struct(
-    "id", "height", "width", "dtype", "encoding", "source_id", "status", "user_1", "user_2"
+    "id", "height", "width", "dtype", "encoding", "source_id", "status", "user_1", "user_2",
+    "frame_index",
 )
 """One assembled image in the ImageBuffer, published by the assembler (and stream_recv); a
-message of the image stream holds one or more records (the assembler sends a batch as one)."""
+message of the image stream holds one or more records (the assembler sends a batch as one).
+The first nine fields are std-daq's ImageMetadata; ``frame_index`` (stddaq's) is the
+detector's own frame index of the image (RawMetadata.frame_index), which the HDF5 writer
+stores beside the image id."""
 
 
 def image_records(message: bytes | memoryview) -> np.ndarray:
@@ -43,6 +47,22 @@ def image_records(message: bytes | memoryview) -> np.ndarray:
         raise ValueError(f"an image-stream message holds whole {IMAGE_METADATA.itemsize}-byte "
                          f"ImageMetadata records, got {len(message)} bytes")
     return np.frombuffer(message, IMAGE_METADATA)
+
+
+def image_message(metadata: np.void, image: bytes | np.ndarray) -> list:
+    """One replicated image as stream_send sends it and stream_recv takes it: the frames
+    ``[ImageMetadata, image bytes]`` of a multipart message."""
+    return [metadata.tobytes(), image]
+
+
+def parse_image_message(frames: list) -> tuple[np.void, memoryview]:
+    """(ImageMetadata, image bytes) of an :func:`image_message` (frames: bytes-likes);
+    ValueError on another shape of message."""
+    if len(frames) != 2 or len(frames[0]) != IMAGE_METADATA.itemsize:
+        raise ValueError(f"expected [ImageMetadata, image], got {len(frames)} frame(s)"
+                         + (f" of {[len(f) for f in frames][:4]} bytes" if frames else ""))
+    return np.frombuffer(frames[0], IMAGE_METADATA)[0], memoryview(frames[1])
+
 
 class ImageStatus(enum.IntFlag):
     """Bit flags of RawMetadata.status and ImageMetadata.status (0 = good image)."""

@@ -6,12 +6,13 @@ are fine) and the ImageBuffer, and reports a heartbeat, progress and a summary.
 
 Layout (DESIGN.md section 7): ``/<detector>/data`` (n, H, W), one image per chunk written
 with direct chunk writes straight from the shared-memory view (optionally bitshuffle-lz4,
-HDF5 filter 32008), and ``image_id``, ``status``, ``pulse_id``, ``frame_index``,
-``daq_rec`` (n,) uint64 beside it. Datasets grow image by image, so a file closed early
-(stop, error, SIGTERM) holds exactly the images written; the file is SWMR-readable while
-it is written. An image whose slot was overwritten before or during the write is stored as
-zeros with status NOT_IN_BUFFER and counted missing, never passed off as good data. Ids
-that never reached the writer between two of a run's images are counted as absent.
+HDF5 filter 32008), and ``image_id``, ``status``, ``pulse_id``, ``frame_index`` (the
+detector's frame index, ImageMetadata.frame_index), ``daq_rec`` (n,) uint64 beside it.
+Datasets grow image by image, so a file closed early (stop, error, SIGTERM) holds exactly
+the images written; the file is SWMR-readable while it is written. An image whose slot
+was overwritten before or during the write is stored as zeros with status NOT_IN_BUFFER
+and counted missing, never passed off as good data. Ids that never reached the writer
+between two of a run's images are counted as absent.
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ from fastcore.writer_protocol import (
     INTERRUPTED,
     REPLACED,
     STOPPED,
+    Heartbeat,
     ProtocolError,
     RunInfo,
+    RunProgress,
+    RunStarted,
     RunSummary,
     StartCommand,
     StopCommand,
+    WriterEvent,
+    WriterFailure,
     decode_command,
 )
 
@@ -68,6 +74,12 @@ _RESERVE_BYTES = 2**20
 MAX_BATCH = 64  # images taken per loop turn (the loop stays responsive to commands)
 _FLAGS = [flag for flag in ImageStatus if flag]
 BITSHUFFLE_FILTER = 32008  # HDF5's registered id of the bitshuffle filter
+
+
+def journal_path(ipc_dir: str, detector_name: str) -> str:
+    """The writer's journal: which file it has open, for its successor to repair after a
+    kill."""
+    return os.path.join(ipc_dir, f"stddaq-{detector_name}-writer.open")
 
 
 class WriteError(RuntimeError):
@@ -254,8 +266,8 @@ class RunFile:
                 self.missing_ids.append(image_id)
         else:
             self.n_written += 1
-        self.meta[:, row] = (image_id, status, image_metadata["user_1"], image_id,
-                             image_metadata["user_2"])
+        self.meta[:, row] = (image_id, status, image_metadata["user_1"],
+                             image_metadata["frame_index"], image_metadata["user_2"])
         self.n_rows = row + 1
         return good
 
@@ -408,9 +420,9 @@ class Run:
 
 class H5Writer:
     """The writer's logic, socket-free: ``command`` and ``take`` feed it, ``tick`` runs its
-    timers; ``publish(event_dict)`` reports every event."""
+    timers; ``publish(event)`` reports every event (a ``writer_protocol`` event)."""
 
-    def __init__(self, config: DetectorConfig, publish: Callable[[dict], None],
+    def __init__(self, config: DetectorConfig, publish: Callable[[WriterEvent], None],
                  compression: str = "none", journal: str | None = None):
         self.config = config
         self.publish = publish
@@ -428,7 +440,7 @@ class H5Writer:
         try:
             command = decode_command(data)
         except ProtocolError as exc:
-            self.publish({"event": "error", "run_id": None, "message": str(exc)})
+            self.publish(WriterFailure(None, str(exc)))
             return
         if isinstance(command, StopCommand):
             if self.run is not None and self.run.run_id == command.run_id:
@@ -461,8 +473,7 @@ class H5Writer:
         self._write_journal(file)
         log.info("run %d: writing %d images to %s%s", run_id, info.n_images, path,
                  f" after its {file.base} rows" if info.append else "")
-        self.publish({"event": "start", "run_id": run_id, "output_file": path,
-                      "n_images": info.n_images, "first_row": file.base})
+        self.publish(RunStarted(run_id, path, info.n_images, file.base))
 
     def _image_buffer(self) -> ImageBuffer:
         """The ImageBuffer, attached once and kept (a fresh mapping would page-fault through
@@ -475,7 +486,7 @@ class H5Writer:
 
     def _fail_open(self, run_id: int, message: str) -> None:
         log.error("run %d: %s", run_id, message)
-        self.publish({"event": "error", "run_id": run_id, "message": message})
+        self.publish(WriterFailure(run_id, message))
 
     def take(self, records: np.ndarray) -> None:
         """Live ImageMetadata records, in arrival order (dropped when no run is open)."""
@@ -512,8 +523,8 @@ class H5Writer:
                 self._flush(run)
         if now - self._beat_at > HEARTBEAT_S:
             self._beat_at = now
-            self.publish({"event": "heartbeat", "pid": os.getpid(), "sent_at": time.time(),
-                          "run_id": self.run.run_id if self.run else None})
+            self.publish(Heartbeat(os.getpid(), time.time(),
+                                   self.run.run_id if self.run else None))
 
     def _flush(self, run: Run) -> None:
         """Flush, then report the rows flushed as written (a kill cannot take them back)."""
@@ -524,9 +535,8 @@ class H5Writer:
         except OSError as exc:  # h5py reports a full disk this way
             self.finish(FAILED, f"flushing {file.path} failed: {exc}", failed=True)
             return
-        self.publish({"event": "progress", "run_id": run.run_id, "n_rows": file.n_rows,
-                      "n_written": file.n_written, "n_missing": file.n_missing,
-                      "n_absent": run.absent.count})
+        self.publish(RunProgress(run.run_id, file.n_rows, file.n_written, file.n_missing,
+                                 run.absent.count))
 
     def finish(self, reason: str, message: str = "", failed: bool = False) -> None:
         run, self.run = self.run, None
@@ -541,7 +551,7 @@ class H5Writer:
         summary = run.summary(reason, message)
         log.info("run %d %s: %s%s", run.run_id, reason, summary.describe(),
                  f": {message}" if message else "")
-        self.publish(summary.event())
+        self.publish(summary)
 
     def close(self) -> None:
         """The process ends (SIGTERM): close the open run's file valid."""
@@ -616,8 +626,8 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     status = ctx.socket(zmq.PUB)
     status.bind(ipc_address(ipc_dir, name, Stream.WRITER_STATUS))
     images = subscribe(ctx, ipc_address(ipc_dir, name, Stream.IMAGE))
-    journal = os.path.join(ipc_dir, f"stddaq-{name}-writer.open")
-    writer = H5Writer(config, lambda event: status.send_json(event), compression, journal)
+    journal = journal_path(ipc_dir, name)
+    writer = H5Writer(config, lambda event: status.send(event.to_json()), compression, journal)
     writer.recover()
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)

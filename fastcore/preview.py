@@ -1,6 +1,7 @@
 """Live preview: the newest image at most ``rate`` times per second, for viewers.
 
-ZMQ PUB, two frames per image: a JSON header ``{"type": numpy dtype, "shape": [h, w],
+ZMQ PUB, two frames per image (:func:`preview_message`, read back by
+:func:`parse_preview_message`): a JSON header ``{"type": numpy dtype, "shape": [h, w],
 "frame": image id, "status": status}`` and the raw image bytes (the format of std-daq's
 live stream). Only whole images are published: a slot rewritten while it was copied is
 skipped.
@@ -24,6 +25,26 @@ from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
 log = logging.getLogger(__name__)
+
+
+def preview_message(metadata: np.void, image: np.ndarray) -> list:
+    """The frames of one preview: JSON header, image bytes."""
+    header = {"type": image.dtype.name, "shape": list(image.shape),
+              "frame": int(metadata["id"]), "status": int(metadata["status"])}
+    return [json.dumps(header).encode(), image]
+
+
+def parse_preview_message(frames: list) -> tuple[dict, np.ndarray]:
+    """(header, image) of a :func:`preview_message` (frames: bytes-likes); ValueError on
+    another message."""
+    if len(frames) != 2:
+        raise ValueError(f"expected [header, image], got {len(frames)} frame(s)")
+    try:
+        header = json.loads(bytes(frames[0]))
+        image = np.frombuffer(frames[1], np.dtype(header["type"])).reshape(header["shape"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"not a preview message: {exc!r:.200}") from None
+    return header, image
 
 
 def serve(config: DetectorConfig, ipc_dir: str, address: str, rate_hz: float,
@@ -55,9 +76,7 @@ def serve(config: DetectorConfig, ipc_dir: str, address: str, rate_hz: float,
             except SlotOverwrittenError:
                 images = images.refreshed()  # the assembler may have been restarted
                 continue
-            header = {"type": images.dtype.name, "shape": list(images.shape),
-                      "frame": int(meta["id"]), "status": int(meta["status"])}
-            pub.send_multipart([json.dumps(header).encode(), out], copy=True)
+            pub.send_multipart(preview_message(meta, out), copy=True)
             sent += 1
             next_send = max(next_send + period, time.monotonic())
     finally:

@@ -18,6 +18,7 @@ import zmq
 
 from fastcore.buffers import ShmBufferError
 from fastcore.config import ConfigError, DetectorConfig, load_config
+from fastcore.names import Stream
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s %(message)s"
 IPC_PATH_MAX = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
 
 
-def ipc_address(ipc_dir: str, detector_name: str, stream: str) -> str:
+def ipc_address(ipc_dir: str, detector_name: str, stream: Stream) -> str:
     """ZMQ ipc address of one of a detector's internal streams (ValueError when the socket
     path is longer than a Unix socket allows)."""
     path = os.path.join(ipc_dir, f"stddaq-{detector_name}-{stream}")

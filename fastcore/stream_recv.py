@@ -18,7 +18,7 @@ import zmq
 
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.formats import IMAGE_METADATA, code_dtype
+from fastcore.formats import code_dtype, parse_image_message
 from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service
 
@@ -51,16 +51,17 @@ def receive(config: DetectorConfig, ipc_dir: str, address: str,
     try:
         while not stop.is_set():
             if pull.poll(100):
-                frames = pull.recv_multipart(copy=False)
-                problem = _check(frames, images, expected_bytes)
-                if problem:
+                frames = [frame.buffer for frame in pull.recv_multipart(copy=False)]
+                try:
+                    meta, data = parse_image_message(frames)
+                    _check(meta, data, images, expected_bytes)
+                except ValueError as exc:
                     stats.rejected += 1
-                    log.error("rejected a message: %s", problem)
+                    log.error("rejected a message: %s", exc)
                     continue
-                meta = np.frombuffer(frames[0].buffer, IMAGE_METADATA)[0].copy()
+                meta = meta.copy()
                 target = images.begin_write(int(meta["id"]))
-                np.copyto(target, np.frombuffer(frames[1].buffer, images.dtype).reshape(
-                    images.shape))
+                np.copyto(target, np.frombuffer(data, images.dtype).reshape(images.shape))
                 images.commit(meta)
                 pub.send(meta.tobytes())
                 stats.images += 1
@@ -75,21 +76,15 @@ def receive(config: DetectorConfig, ipc_dir: str, address: str,
     return stats
 
 
-def _check(frames: list, images: ImageBuffer, expected_bytes: int) -> str | None:
-    """Why a received message does not fit this server's ImageBuffer, or None."""
-    if len(frames) != 2 or len(frames[0]) != IMAGE_METADATA.itemsize:
-        return f"expected [ImageMetadata, image], got {len(frames)} frame(s)"
-    meta = np.frombuffer(frames[0].buffer, IMAGE_METADATA)[0]
+def _check(meta: np.void, data: memoryview, images: ImageBuffer, expected_bytes: int) -> None:
+    """ValueError saying why a received image does not fit this server's ImageBuffer."""
     shape = (int(meta["height"]), int(meta["width"]))
-    try:
-        dtype = code_dtype(int(meta["dtype"]))
-    except ValueError as exc:
-        return str(exc)
-    if shape != images.shape or dtype != images.dtype or len(frames[1]) != expected_bytes:
-        return (f"image {int(meta['id'])} is {shape[1]}x{shape[0]} {dtype}, "
-                f"{len(frames[1])} B; this buffer holds {images.shape[1]}x{images.shape[0]} "
-                f"{images.dtype}: check both sides use the same detector geometry")
-    return None
+    dtype = code_dtype(int(meta["dtype"]))
+    if shape != images.shape or dtype != images.dtype or data.nbytes != expected_bytes:
+        raise ValueError(
+            f"image {int(meta['id'])} is {shape[1]}x{shape[0]} {dtype}, {data.nbytes} B; "
+            f"this buffer holds {images.shape[1]}x{images.shape[0]} {images.dtype}: check "
+            "both sides use the same detector geometry")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
 """stream_send: replicate this server's ImageBuffer to another server over ZMQ TCP.
 
-Follows the local ImageMetadata stream and sends ``[ImageMetadata, image bytes]`` (PUSH)
-to a stddaq-stream-recv. The image is copied out of the ImageBuffer once, the slot is
-checked to still hold it, and the copy is queued without blocking: when the link is slower
-than the detector, whole images are dropped and counted, never torn.
+Follows the local ImageMetadata stream and sends ``[ImageMetadata, image bytes]``
+(``formats.image_message``, PUSH) to a stddaq-stream-recv. The image is copied out of the
+ImageBuffer once, the slot is checked to still hold it, and the copy is queued without
+blocking: when the link is slower than the detector, whole images are dropped and
+counted, never torn.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import zmq
 
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
-from fastcore.formats import image_records
+from fastcore.formats import image_message, image_records
 from fastcore.names import Segment, Stream
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
 
@@ -58,7 +59,7 @@ def send(config: DetectorConfig, ipc_dir: str, address: str, stop: threading.Eve
                         stats.dropped_overwritten += 1
                         continue
                     try:
-                        push.send_multipart([meta.tobytes(), data], flags=zmq.NOBLOCK,
+                        push.send_multipart(image_message(meta, data), flags=zmq.NOBLOCK,
                                             copy=False)
                         stats.images += 1
                     except zmq.Again:

@@ -13,9 +13,11 @@ Commands to the writer (ZMQ PUSH -> PULL ``stddaq-<det>-writer``), one JSON obje
 - ``stop``: close run ``run_id`` now (a kill).
 
 Events from the writer (ZMQ PUB ``stddaq-<det>-writer-status``), one JSON object each, all
-with ``event`` and ``run_id``: ``heartbeat`` every :data:`HEARTBEAT_S` (``pid``, the open
-run or None), ``start``, ``progress`` (rows flushed to the file, at most every 0.2 s),
-``error`` (``message``) and ``stop`` (the run's :class:`RunSummary`).
+with ``event`` and ``run_id``: ``heartbeat`` every :data:`HEARTBEAT_S` (:class:`Heartbeat`:
+``pid``, the open run or None), ``start`` (:class:`RunStarted`), ``progress``
+(:class:`RunProgress`: rows flushed to the file, at most every 0.2 s), ``error``
+(:class:`WriterFailure`: ``message``) and ``stop`` (the run's :class:`RunSummary`). The
+writer builds them, the agent reads them back with :func:`decode_event`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 COMPRESSIONS = ("none", "bitshuffle-lz4")
 HEARTBEAT_S = 0.5
@@ -142,13 +144,71 @@ def decode_command(data: bytes) -> StartCommand | StopCommand:
     raise ProtocolError(f"command: expected 'start' or 'stop', got {command!r:.40}")
 
 
+# --- events (writer -> agent) ---------------------------------------------------------
+
+
+class _Event:
+    """An event's wire form: ``{"event": EVENT, <its fields>}`` as JSON."""
+
+    EVENT: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.EVENT} | asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+
+@dataclass(frozen=True)
+class Heartbeat(_Event):
+    """The writer is alive (every HEARTBEAT_S); ``run_id`` is its open run or None."""
+
+    EVENT: ClassVar[str] = "heartbeat"
+    pid: int
+    sent_at: float
+    run_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RunStarted(_Event):
+    """The run's file is open: the next images are the run's."""
+
+    EVENT: ClassVar[str] = "start"
+    run_id: int
+    output_file: str
+    n_images: int
+    first_row: int = 0
+
+
+@dataclass(frozen=True)
+class RunProgress(_Event):
+    """Rows flushed to the file so far (a kill cannot take them back)."""
+
+    EVENT: ClassVar[str] = "progress"
+    run_id: int
+    n_rows: int
+    n_written: int
+    n_missing: int
+    n_absent: int = 0
+
+
+@dataclass(frozen=True)
+class WriterFailure(_Event):
+    """A command the writer refused: a run it could not open (``run_id``) or a command it
+    could not read (``run_id`` None)."""
+
+    EVENT: ClassVar[str] = "error"
+    run_id: int | None
+    message: str
+
+
 # Why a run ended (RunSummary.reason).
 COMPLETED, STOPPED, IMAGE_TIMEOUT, FAILED, INTERRUPTED, REPLACED = (
     "completed", "stopped", "image timeout", "error", "interrupted", "replaced")
 
 
 @dataclass
-class RunSummary:
+class RunSummary(_Event):
     """Everything a finished run accounts for, sent as the writer's ``stop`` event.
 
     ``n_written`` rows (from the file's row ``first_row`` on) hold their image,
@@ -159,6 +219,7 @@ class RunSummary:
     ids in all).
     """
 
+    EVENT: ClassVar[str] = "stop"
     run_id: int
     output_file: str
     n_images: int
@@ -202,10 +263,33 @@ class RunSummary:
             details.append(f"{self.n_absent} ids never arrived ({ranges}{more})")
         return f"{text} ({', '.join(details)})"
 
-    def event(self) -> dict:
-        return {"event": "stop"} | asdict(self) | {"outcome": self.outcome}
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {"outcome": self.outcome}
 
-    @classmethod
-    def from_event(cls, event: dict) -> RunSummary:
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in event.items() if k in names})
+
+WriterEvent = Heartbeat | RunStarted | RunProgress | WriterFailure | RunSummary
+_EVENTS: dict[str, type] = {cls.EVENT: cls for cls in
+                            (Heartbeat, RunStarted, RunProgress, WriterFailure, RunSummary)}
+
+
+def decode_event(data: bytes | dict[str, Any]) -> WriterEvent:
+    """An event from its JSON (or its decoded dict); fields it does not know are ignored
+    (``outcome`` of a stop is derived); ProtocolError naming what is wrong."""
+    if isinstance(data, dict):
+        raw = data
+    else:
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"a writer event must be a JSON object: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"a writer event must be a JSON object, got {raw!r:.80}")
+    kind = raw.get("event")
+    cls = _EVENTS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"event: expected one of {sorted(_EVENTS)}, got {kind!r:.40}")
+    names = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in raw.items() if k in names})
+    except TypeError as exc:
+        raise ProtocolError(f"bad {kind} event: {exc}") from None

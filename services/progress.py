@@ -1,7 +1,7 @@
 """Live progress of a write request over Redis pub/sub, for clients on any machine.
 
 The writer agent publishes JSON ``{"request_id", "run_id", "output_file", "n_images",
-"n_sent", "n_written", "n_missing", "done"}`` on the channel
+"n_rows", "n_written", "n_missing", "done"}`` on the channel
 ``stddaq.progress.<service_name>``: at most ``max_rate_hz`` (100) times per second while a run
 goes on, and always its final state. The IOC and the Ophyd device follow it to report
 NumCaptured and to finish ``trigger()`` statuses. Redis being down only loses progress

@@ -40,10 +40,17 @@ from fastcore.writer_protocol import (
     MAX_ID,
     MAX_IMAGE_TIMEOUT_S,
     MAX_IMAGES,
+    Heartbeat,
+    ProtocolError,
     RunInfo,
+    RunProgress,
+    RunStarted,
     RunSummary,
     StartCommand,
     StopCommand,
+    WriterEvent,
+    WriterFailure,
+    decode_event,
     valid_image_timeout,
 )
 from services.cli import seconds
@@ -158,11 +165,17 @@ class WriterLink:
                               f"{self.address})")
         self.commands.send(message, zmq.NOBLOCK)
 
-    def receive(self, timeout_s: float) -> dict | None:
-        """The next event, or None after ``timeout_s``."""
-        if not self.events.poll(max(0, int(timeout_s * 1000))):
-            return None
-        return json.loads(self.events.recv())
+    def receive(self, timeout_s: float) -> WriterEvent | None:
+        """The next event, or None after ``timeout_s`` (a message that is not a writer
+        event is logged and skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while self.events.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            data = self.events.recv()
+            try:
+                return decode_event(data)
+            except ProtocolError as exc:
+                log.warning("ignored a message on %s: %s", self.address, exc)
+        return None
 
     def drain(self) -> None:
         while self.events.poll(0):
@@ -187,7 +200,7 @@ class WriterAgent:
         self._busy = threading.Lock()
         self._current: tuple[str, str] | None = None  # (request_id, output_file)
         self._kill = threading.Event()
-        self._prepared: _Run | None = None
+        self._opened: _Run | None = None  # the run before_start opened, for on_request
         self._link: WriterLink | None = None
         self.counters = {"requests": 0, "succeeded": 0, "partial": 0, "failed": 0,
                          "images_written": 0, "images_missing": 0}
@@ -200,10 +213,11 @@ class WriterAgent:
         """Refuse a bad request before it starts (the broker service calls this first)."""
         validate_write_request(request, self.config)
 
-    def prepare(self, request_id: str, request: Any) -> None:
+    def before_start(self, request_id: str, request: Any) -> None:
         """Claim the detector and have the writer open the file before the request is
-        announced as started (the broker service calls this first), so no image after the
-        start is missed and a file that cannot be written refuses the request."""
+        announced as started (the broker service's hook before ``request_start``), so no
+        image after the start is missed and a file that cannot be written refuses the
+        request."""
         write = validate_write_request(request, self.config)
         if not self._busy.acquire(blocking=False):
             current_id, current_file = self._current or ("?", "?")
@@ -216,17 +230,17 @@ class WriterAgent:
                 self._link = WriterLink(self.ipc_dir, self.config.detector_name)
             run = _Run(self, self._link, request_id, write)
             run.start()
-            self._prepared = run
+            self._opened = run
         except BaseException:
             self._current = None
             self._busy.release()
             raise
 
     def on_request(self, request_id: str, request: Any) -> dict:
-        prepared = self._prepared
-        if prepared is None or prepared.request_id != request_id:
-            self.prepare(request_id, request)
-        run, self._prepared = self._prepared, None
+        opened = self._opened
+        if opened is None or opened.request_id != request_id:
+            self.before_start(request_id, request)
+        run, self._opened = self._opened, None
         self.counters["requests"] += 1
         try:
             result = run.follow()
@@ -278,10 +292,10 @@ class _Run:
                 raise WriterError(f"h5 writer for {self.agent.config.detector_name} did not "
                                   f"confirm the start within {START_TIMEOUT_S:g} s: is "
                                   "stddaq-h5-writer running?")
-            if event.get("run_id") != self.run_id:
+            if event.run_id != self.run_id:
                 continue
-            if event["event"] == "error":
-                raise WriterError(f"h5 writer: {event['message']}")
+            if isinstance(event, WriterFailure):
+                raise WriterError(f"h5 writer: {event.message}")
             self._on_event(event)
             return
 
@@ -317,27 +331,29 @@ class _Run:
                 "first_row": summary.first_row,
                 "summary": summary.describe()}
 
-    def _on_event(self, event: dict) -> None:
-        kind, run_id = event.get("event"), event.get("run_id")
-        if kind == "heartbeat":
-            pid = event.get("pid")
+    def _on_event(self, event: WriterEvent) -> None:
+        if isinstance(event, Heartbeat):
+            pid = event.pid
             if self.writer_pid is not None and pid != self.writer_pid:
                 raise WriterError(f"h5 writer for {self.agent.config.detector_name} "
                                   f"restarted during the run (pid {self.writer_pid} -> {pid}) "
                                   f"{self._written()}")
             self.writer_pid = pid
             return
-        if run_id != self.run_id:
+        if event.run_id != self.run_id:
             return
-        if kind in ("start", "progress"):
-            self.progress.update({k: event[k] for k in self.progress if k in event})
+        if isinstance(event, RunStarted):
             self._report()
-        elif kind == "stop":
-            self.summary = RunSummary.from_event(event)
-            self.progress.update(n_rows=self.summary.n_rows, n_written=self.summary.n_written,
-                                 n_missing=self.summary.n_missing)
-        elif kind == "error":
-            raise WriterError(f"h5 writer: {event['message']}")
+        elif isinstance(event, RunProgress):
+            self.progress.update(n_rows=event.n_rows, n_written=event.n_written,
+                                 n_missing=event.n_missing)
+            self._report()
+        elif isinstance(event, RunSummary):
+            self.summary = event
+            self.progress.update(n_rows=event.n_rows, n_written=event.n_written,
+                                 n_missing=event.n_missing)
+        elif isinstance(event, WriterFailure):
+            raise WriterError(f"h5 writer: {event.message}")
 
     def _written(self) -> str:
         """What the file holds when the writer went away mid-run."""

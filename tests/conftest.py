@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fastcore.buffers import shm_prefix
 from fastcore.launch import ChildProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def free_tcp_port() -> int:
 
 
 def shm_files(detector_name: str) -> list[str]:
-    return glob.glob(f"/dev/shm/stddaq.{detector_name}.*")
+    return glob.glob(f"/dev/shm/{shm_prefix(detector_name)}*")
 
 
 class Proc(ChildProcess):

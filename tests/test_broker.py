@@ -29,6 +29,7 @@ from services.broker import (
     PrimaryService,
 )
 from services.broker.protocol import request_queue_name, status_queue_name
+from tests.broker_client import WatchingClient
 from tests.netproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,8 +113,8 @@ class Broker:
         service.wait_ready(10)
         return service
 
-    def client(self, **kwargs: Any) -> BrokerClient:
-        client = BrokerClient(HOST, **kwargs)
+    def client(self, **kwargs: Any) -> WatchingClient:
+        client = WatchingClient(HOST, **kwargs)
         self.clients.append(client)
         client.wait_ready(10)
         return client
@@ -222,7 +223,6 @@ def test_bad_requests_fail_and_the_service_keeps_serving(broker):
     ids = {}
     for body in expected:
         request_id = str(uuid.uuid4())
-        client.watch(request_id)
         channel.basic_publish("request", name, body,
                               pika.BasicProperties(correlation_id=request_id))
         ids[body] = request_id

@@ -22,7 +22,8 @@ import uuid
 
 import pytest
 
-from services.broker import ACTION_REQUEST_SUCCESS, BrokerClient, PrimaryService
+from services.broker import ACTION_REQUEST_SUCCESS, PrimaryService
+from tests.broker_client import WatchingClient
 from tests.test_broker import Recorder, unique, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -120,7 +121,7 @@ def test_rabbitmq_restart_while_a_request_runs(rabbit):
     service = PrimaryService(name, handler, port=rabbit.port, min_backoff=0.1,
                              max_backoff=0.5)
     service.start()
-    client = BrokerClient(port=rabbit.port)
+    client = WatchingClient(port=rabbit.port)
     try:
         service.wait_ready(10)
         client.wait_ready(10)

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from fastcore.buffers import shm_name
+from fastcore.names import Segment
 from fastcore.udp import DEFAULT_RCVBUF
 from tests.conftest import Proc, module_cmd, shm_files
 
@@ -67,7 +69,8 @@ def test_assembler_without_receivers_reports_missing_shared_memory(make_config, 
     path, raw = make_config("jungfrau_1m.json")
     result = run("fastcore.assembler", str(path), "--ipc-dir", str(tmp_path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"/dev/shm/stddaq.{raw['detector_name']}.frames does not exist" in result.stderr
+    frames = shm_name(raw["detector_name"], Segment.FRAMES)
+    assert f"/dev/shm/{frames} does not exist" in result.stderr
     assert "start its producer first" in result.stderr
 
 

@@ -391,8 +391,8 @@ def test_writer_service_over_the_broker(synthetic, tmp_path):
     """stddaq-epics-writer as a process: requests through RabbitMQ, results as statuses."""
     import pika
 
-    from services.broker import BrokerClient
     from services.broker.protocol import request_queue_name
+    from tests.broker_client import WatchingClient
 
     client, prefix = synthetic
     name = f"test.epics_writer.{uuid.uuid4().hex[:8]}"
@@ -404,7 +404,7 @@ def test_writer_service_over_the_broker(synthetic, tmp_path):
     broker = None
     try:
         proc.wait_for("ready:", 20)
-        broker = BrokerClient("127.0.0.1")
+        broker = WatchingClient("127.0.0.1")
         broker.wait_ready(10)
         out = tmp_path / "broker.h5"
         request = {"start_pulse_id": 120, "stop_pulse_id": 140, "channels": ["F", "NONE"],

@@ -18,8 +18,10 @@ from fastcore.formats import (
     SHM_HEADER_BYTES,
     code_dtype,
     dtype_code,
+    image_message,
     image_records,
     pack,
+    parse_image_message,
     unpack,
 )
 
@@ -29,7 +31,7 @@ from fastcore.formats import (
     [
         (MODULE_FRAME, 64),
         (RAW_METADATA, 40),
-        (IMAGE_METADATA, 72),
+        (IMAGE_METADATA, 80),
         (JUNGFRAU_HEADER, 48),
         (EIGER_HEADER, 48),
         (GIGAFROST_HEADER, 32),
@@ -50,7 +52,7 @@ def test_shm_header_fits_its_page():
                         "module_id", "pos_y", "pos_x"]),
         (RAW_METADATA, ["id", "pulse_id", "frame_index", "daq_rec", "status"]),
         (IMAGE_METADATA, ["id", "height", "width", "dtype", "encoding", "source_id", "status",
-                          "user_1", "user_2"]),
+                          "user_1", "user_2", "frame_index"]),
     ],
 )
 def test_stream_structs_are_packed_little_endian_u64(dtype, names):
@@ -235,6 +237,20 @@ def test_image_stream_messages_hold_one_or_more_records():
     assert list(image_records(records[:1].tobytes())["id"]) == [7]
     assert list(image_records(records.tobytes())["id"]) == [7, 8, 9]
     for bad in (b"", records.tobytes()[:100]):
-        with pytest.raises(ValueError, match=f"whole 72-byte ImageMetadata records, got "
+        with pytest.raises(ValueError, match=f"whole 80-byte ImageMetadata records, got "
                            f"{len(bad)} bytes"):
             image_records(bad)
+
+
+def test_replicated_image_message_reads_back_and_refuses_other_shapes():
+    meta = np.zeros((), IMAGE_METADATA)
+    meta["id"], meta["frame_index"], meta["height"], meta["width"] = 5, 99, 2, 3
+    image = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    frames = [bytes(memoryview(f)) for f in image_message(meta, image)]
+    got, data = parse_image_message(frames)
+    assert got.tobytes() == meta.tobytes() and int(got["frame_index"]) == 99
+    np.testing.assert_array_equal(np.frombuffer(data, np.uint16).reshape(2, 3), image)
+    for bad in ([frames[0]], [frames[0][:-8], frames[1]], [*frames, b""]):
+        with pytest.raises(ValueError, match=r"expected \[ImageMetadata, image\], got "
+                           f"{len(bad)} frame"):
+            parse_image_message(bad)

@@ -71,6 +71,7 @@ def append(n):
         meta["id"], meta["height"], meta["width"] = image_id, *shape
         meta["dtype"] = dtype_code(np.uint16)
         meta["user_1"], meta["user_2"] = 10 * image_id, image_id % 7
+        meta["frame_index"] = image_id  # the detector's frame index: here equal to the id
         images.commit(meta)
         run.append(meta)
 

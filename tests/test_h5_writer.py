@@ -22,10 +22,18 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.formats import IMAGE_METADATA, ImageStatus, dtype_code
+from fastcore.h5_writer import H5Writer, journal_path
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
 from fastcore.simulator import DetectorSimulator, daq_rec_of, pulse_id_of
-from fastcore.writer_protocol import RunInfo, StartCommand, StopCommand
+from fastcore.writer_protocol import (
+    RunInfo,
+    RunStarted,
+    RunSummary,
+    StartCommand,
+    StopCommand,
+    WriterEvent,
+)
 from services.writer_agent import WriterAgent
 from tests.conftest import REPO, Proc, module_cmd
 from tests.pipeline import Pipeline
@@ -63,13 +71,15 @@ class WriterHarness:
 
     def put(self, image_id: int, status: int = 0, publish: bool = True) -> np.void:
         """Produce image ``image_id`` (every pixel = id % 65000 + row) in the buffer and
-        announce it (as the assembler does)."""
+        announce it (as the assembler does; the detector's frame index equals the id, as
+        the simulator's)."""
         image = self.images.begin_write(image_id)
         image[:] = (image_id % 65000 + np.arange(image.shape[0])[:, None]).astype(image.dtype)
         meta = np.zeros((), IMAGE_METADATA)
         meta["id"], meta["height"], meta["width"] = image_id, *image.shape
         meta["dtype"], meta["status"] = dtype_code(image.dtype), status
         meta["user_1"], meta["user_2"] = pulse_id_of(image_id), daq_rec_of(image_id)
+        meta["frame_index"] = image_id
         self.images.commit(meta)
         if publish:
             self.pub.send(meta.tobytes())
@@ -551,7 +561,7 @@ def test_malformed_and_stale_commands_are_reported(harness, tmp_path):
 def test_missing_image_buffer_is_reported(harness, tmp_path):
     h = harness(start_buffer=False)
     message = h.start(str(tmp_path / "x.h5"), 1, until="error")["message"]
-    assert f"stddaq.{h.name}.image does not exist" in message
+    assert f"{shm_name(h.name, Segment.IMAGE)} does not exist" in message
 
 
 def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
@@ -568,7 +578,7 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
         try:
             writer.wait_for("ready")
             request = {"output_file": out, "n_images": n}
-            agent.prepare("e2e", request)  # the file is open: the next n images are its
+            agent.before_start("e2e", request)  # the file is open: the next n images are its
             sending = threading.Thread(target=DetectorSimulator(config).run, args=(n, 30))
             sending.start()
             result = agent.on_request("e2e", request)
@@ -585,6 +595,42 @@ def test_simulator_to_file_end_to_end(make_config, ipc_dir, tmp_path):
         for i in range(n):
             np.testing.assert_array_equal(data[i], expected_image(raw, i + 1, data.dtype))
         assert list(f[config.detector_name]["image_id"][:]) == list(range(1, n + 1))
+        # the simulator's frame numbers, carried by ImageMetadata.frame_index
+        assert list(f[config.detector_name]["frame_index"][:]) == list(range(1, n + 1))
+
+
+def test_frame_index_dataset_holds_the_detectors_frame_index(make_config, tmp_path):
+    """In-process writer: ``frame_index`` is ImageMetadata.frame_index (the detector's
+    frame index), not the image id."""
+    path, _ = make_config("jungfrau_1m.json")
+    config = load_config(path)
+    name = config.detector_name
+    images = ImageBuffer.create(shm_name(name, Segment.IMAGE), 8, config.image_shape,
+                                config.image_dtype)
+    events: list[WriterEvent] = []
+    writer = H5Writer(config, events.append)
+    out = str(tmp_path / "frame_index.h5")
+    ids, frame_indices = [10, 11, 12, 13], [5000, 5001, 5003, 7]
+    try:
+        writer.command(StartCommand(3, RunInfo(out, len(ids)), 30.0).to_json())
+        assert isinstance(events[-1], RunStarted), events
+        records = np.zeros(len(ids), IMAGE_METADATA)
+        records["id"], records["frame_index"] = ids, frame_indices
+        records["height"], records["width"] = config.image_shape
+        records["dtype"] = dtype_code(config.image_dtype)
+        for record in records:
+            images.begin_write(int(record["id"]))[:] = int(record["id"])
+            images.commit(record)
+        writer.take(records)
+    finally:
+        writer.close()
+        images.close()
+    assert isinstance(events[-1], RunSummary) and events[-1].outcome == "success", events
+    with h5py.File(out, "r") as f:
+        group = f[name]
+        assert list(group["image_id"][:]) == ids
+        assert list(group["frame_index"][:]) == frame_indices
+        assert [int(image.max()) for image in group["data"]] == ids
 
 
 def test_file_is_swmr_readable_while_written(harness, tmp_path):
@@ -622,7 +668,7 @@ def test_kill_9_leaves_a_file_the_restarted_writer_repairs(harness, tmp_path):
         h.put(image_id)
     h.written(12)  # reported written = flushed: a kill cannot take them back
     reserve = tmp_path / ".killed.h5.reserve"
-    journal = os.path.join(h.ipc_dir, f"stddaq-{h.name}-writer.open")
+    journal = journal_path(h.ipc_dir, h.name)
     assert reserve.exists() and os.path.exists(journal)
     h.writer.popen.kill()
     h.writer.popen.wait(10)

@@ -61,7 +61,7 @@ class Link:
                                        config.image_shape)
         self.batch = min(batch or 128, fmt.n_packets)
         self.name = f"t{uuid4().hex[:8]}"
-        self.path = f"/dev/shm/{shm_name(self.name, 'frames')}"
+        self.path = f"/dev/shm/{shm_name(self.name, Segment.FRAMES)}"
         self.buffer = FrameBuffer.create(shm_name(self.name, Segment.FRAMES), n_slots,
                                          config.n_modules, fmt.frame_bytes)
         for slot in range(n_slots):

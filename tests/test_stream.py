@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import h5py
@@ -12,8 +11,9 @@ import zmq
 from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import load_config
 from fastcore.names import Segment
+from fastcore.preview import parse_preview_message
 from fastcore.simulator import DetectorSimulator
-from fastcore.writer_protocol import RunInfo, StartCommand
+from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, WriterFailure
 from services.writer_agent import WriterLink
 from tests.conftest import Proc, free_tcp_port, module_cmd
 from tests.pipeline import Pipeline, expected_image
@@ -26,7 +26,7 @@ def start(module: str, config_path, ipc_dir: str, log_dir, *extra: str) -> Proc:
     return proc
 
 
-def write_file(ipc_dir: str, name: str, first_id: int, n: int, out: str) -> dict:
+def write_file(ipc_dir: str, name: str, first_id: int, n: int, out: str) -> RunSummary:
     """Play the writer agent: have the writer of ``name`` write images ``first_id`` on
     (already in its buffer) to ``out``; its stop event."""
     link = WriterLink(ipc_dir, name)
@@ -35,7 +35,9 @@ def write_file(ipc_dir: str, name: str, first_id: int, n: int, out: str) -> dict
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             event = link.receive(0.1)
-            if event is not None and event["event"] in ("stop", "error"):
+            if isinstance(event, WriterFailure):
+                raise AssertionError(f"the writer refused the run: {event.message}")
+            if isinstance(event, RunSummary):
                 return event
         raise AssertionError("no stop from the writer")
     finally:
@@ -65,10 +67,10 @@ def test_replicated_buffer_writes_an_identical_file(make_config, ipc_dir, tmp_pa
             assert [r.tobytes() for r in records_b] == [r.tobytes() for r in records_a]
             file_a, file_b = str(tmp_path / "a.h5"), str(tmp_path / "b.h5")
             first_id = int(records_a[0]["id"])
-            assert write_file(ipc_dir, raw_a["detector_name"], first_id, n, file_a)[
-                "outcome"] == "success"
-            assert write_file(ipc_dir, raw_b["detector_name"], first_id, n, file_b)[
-                "outcome"] == "success"
+            assert write_file(ipc_dir, raw_a["detector_name"], first_id, n,
+                              file_a).outcome == "success"
+            assert write_file(ipc_dir, raw_b["detector_name"], first_id, n,
+                              file_b).outcome == "success"
         finally:
             for proc in reversed(procs):
                 assert proc.stop() == 0, proc.output
@@ -149,8 +151,7 @@ def test_preview_is_rate_limited_and_whole(make_config, ipc_dir, tmp_path):
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 if viewer.poll(100):
-                    header, data = viewer.recv_multipart()
-                    previews.append((json.loads(header), data))
+                    previews.append(parse_preview_message(viewer.recv_multipart()))
             viewer.close(0)
         finally:
             assert preview.stop() == 0
@@ -158,7 +159,8 @@ def test_preview_is_rate_limited_and_whole(make_config, ipc_dir, tmp_path):
     frames = [h["frame"] for h, _ in previews]
     assert frames == sorted(frames) and len(set(frames)) == len(frames)
     assert frames[-1] == 60, "the newest image is previewed when the stream stops"
-    for header, data in previews:
+    for header, image in previews:
+        assert set(header) == {"type", "shape", "frame", "status"}  # std-daq's live stream
         assert header["type"] == "uint16" and header["shape"] == list(config.image_shape)
-        image = np.frombuffer(data, np.uint16).reshape(config.image_shape)
+        assert image.dtype == np.uint16 and image.shape == config.image_shape
         np.testing.assert_array_equal(image, expected_image(raw, header["frame"], np.uint16))

@@ -10,6 +10,7 @@ import zmq
 
 from fastcore.config import parse_config
 from fastcore.formats import MODULE_FRAME, RAW_METADATA, ImageStatus
+from fastcore.names import Stream
 from fastcore.process import ipc_address
 from fastcore.sync import FrameSynchronizer, run
 
@@ -194,12 +195,12 @@ def test_the_sync_process_loop_takes_several_module_frames_per_message(tmp_path)
         "module_positions": {"0": [0, 0, 1023, 511], "1": [0, 512, 1023, 1023]}})
     ctx = zmq.Context.instance()
     raw_pull = ctx.socket(zmq.PULL)
-    raw_pull.bind(ipc_address(str(tmp_path), "SYNCMSG", "raw"))
+    raw_pull.bind(ipc_address(str(tmp_path), "SYNCMSG", Stream.RAW))
     stop = threading.Event()
     thread = threading.Thread(target=run, args=(config, str(tmp_path), stop), daemon=True)
     thread.start()
     push = ctx.socket(zmq.PUSH)
-    push.connect(ipc_address(str(tmp_path), "SYNCMSG", "frames"))
+    push.connect(ipc_address(str(tmp_path), "SYNCMSG", Stream.FRAMES))
     try:
         module0 = np.array([module_frame(f, 0) for f in (5, 6, 7)], MODULE_FRAME)
         module1 = np.array([module_frame(f, 1) for f in (5, 6, 7)], MODULE_FRAME)

@@ -11,7 +11,9 @@ import time
 import h5py
 import pytest
 
+from fastcore.buffers import shm_name
 from fastcore.config import load_config
+from fastcore.names import Segment
 from fastcore.simulator import DetectorSimulator
 from services.writer_agent import WriterAgent, WriterError
 from tests.conftest import Proc, module_cmd, shm_files
@@ -35,7 +37,7 @@ def test_receiver_killed_mid_write_ends_the_request_after_the_image_timeout(
         outcome: dict = {}
         try:
             writer.wait_for("ready")
-            agent.prepare("r1", {"output_file": str(out), "n_images": 1000})
+            agent.before_start("r1", {"output_file": str(out), "n_images": 1000})
             sending.start()
 
             def request() -> None:
@@ -63,7 +65,8 @@ def test_receiver_killed_mid_write_ends_the_request_after_the_image_timeout(
             codes = pipeline.stop()
         assert codes[-1] == -9 and codes[:-1] == [0, 0], codes  # assembler, sync, udp-recv
     # kill -9 left the receiver's FrameBuffer (a new receiver replaces it: test_cli_errors)
-    assert shm_files(config.detector_name) == [f"/dev/shm/stddaq.{config.detector_name}.frames"]
+    assert shm_files(config.detector_name) == [
+        f"/dev/shm/{shm_name(config.detector_name, Segment.FRAMES)}"]
     os.unlink(shm_files(config.detector_name)[0])
     assert not worker.is_alive(), "the request hangs"
     # the image timeout (3 s) runs from the last image, which reached the writer up to a

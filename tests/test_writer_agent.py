@@ -6,6 +6,7 @@ broker side is tested in test_writer_agent_service.py.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -22,6 +23,15 @@ from fastcore.config import load_config
 from fastcore.formats import IMAGE_METADATA, dtype_code
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
+from fastcore.writer_protocol import (
+    Heartbeat,
+    ProtocolError,
+    RunProgress,
+    RunStarted,
+    RunSummary,
+    WriterFailure,
+    decode_event,
+)
 from services.writer_agent import (
     BusyError,
     RequestError,
@@ -82,7 +92,7 @@ def run_in_thread(agent, request_id, request):
 
     thread = threading.Thread(target=target)
     thread.start()
-    time.sleep(0.4)  # on_request has the writer open the file (prepare) before images come
+    time.sleep(0.4)  # on_request has the writer open the file (before_start) before images come
     return thread, outcome
 
 
@@ -360,3 +370,32 @@ def test_timeouts_must_be_positive_seconds(flag):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().endswith(
         f"error: argument {flag}: expected a positive number of seconds, got '-3'")
+
+
+@pytest.mark.parametrize("event", [
+    Heartbeat(pid=12, sent_at=1.5, run_id=None),
+    RunStarted(run_id=3, output_file="/data/x.h5", n_images=10, first_row=4),
+    RunProgress(run_id=3, n_rows=5, n_written=4, n_missing=1, n_absent=2),
+    WriterFailure(run_id=None, message="command: expected 'start' or 'stop'"),
+    RunSummary(run_id=3, output_file="/data/x.h5", n_images=10, reason="completed",
+               n_written=10, n_good=10),
+])
+def test_writer_events_read_back_as_sent(event):
+    """What stddaq-h5-writer sends (one JSON object, ``event`` names its kind) is what the
+    agent reads back."""
+    wire = json.loads(event.to_json())
+    assert wire["event"] == event.EVENT and wire["run_id"] == event.run_id
+    assert decode_event(event.to_json()) == event
+    if isinstance(event, RunSummary):
+        assert wire["outcome"] == "success"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"not json", "a writer event must be a JSON object"),
+    (b"[1]", "a writer event must be a JSON object"),
+    (b'{"event": "finished", "run_id": 1}', "event: expected one of"),
+    (b'{"event": "progress", "run_id": 1}', "bad progress event"),
+])
+def test_malformed_writer_events_are_named(data, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode_event(data)

@@ -11,10 +11,12 @@ Example::
 
     with BrokerClient() as client:
         request_id = client.send_request("debug.writer", {"output_file": ..., "n_images": 10})
-        result = client.wait_for(request_id, services=["debug.writer"], timeout=60)
-        result["status"]     # "request_success" or "request_fail"
-        result["services"]   # {"debug.writer": [["request_start", None],
-                             #                   ["request_success", {...}]]}
+        ...
+        client.statuses(request_id)["services"]  # {"debug.writer": [["request_start", None],
+                                                 #   ["request_success", {...}]]}
+
+To wait on statuses, feed a StatusAggregator from ``status_callback`` (as stddaq-monitor
+does) and use its ``wait``; DaqClient follows write requests for front ends.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from services.broker.aggregator import ServicesSpec, StatusAggregator
+from services.broker.aggregator import StatusAggregator
 from services.broker.connection import BrokerConnection
 from services.broker.protocol import (
     CLIENT_QUEUE_EXPIRES_MS,
@@ -60,8 +62,8 @@ class BrokerClient:
 
     ``status_callback(request_id, request, headers)`` is called for every status on the
     broker (all requests, as the original), in a thread of its own, in arrival order.
-    Statuses of this client's requests (and of ids passed to ``watch``) are kept for
-    ``wait_for``: the last ``max_requests`` ids.
+    Statuses of this client's own requests are kept for ``statuses``: the last
+    ``max_requests`` ids.
     """
 
     def __init__(self, broker_host: str = "127.0.0.1", port: int = 5672, *,
@@ -173,29 +175,9 @@ class BrokerClient:
 
     # ------------------------------------------------------------------ statuses
 
-    def watch(self, request_id: str) -> None:
-        """Also keep the statuses of a request sent by someone else (from now on)."""
-        self._statuses.track(request_id)
-
     def statuses(self, request_id: str) -> dict[str, Any] | None:
         """``{"request", "services": {name: [[action, message], ...]}}`` so far."""
         return self._statuses.get(request_id)
-
-    def wait_for(self, request_id: str, services: ServicesSpec = None,
-                 timeout: float = 10.0) -> dict[str, Any]:
-        """Wait until the request ended on ``services`` (None: every service that reported,
-        at least one; a list of names; an int: at least that many services).
-
-        Returns ``{"request_id", "request", "services": {name: [[action, message], ...]},
-        "status": "request_success" | "request_fail"}`` (fail when any service failed).
-        TimeoutError names the services that have not finished."""
-        return self._statuses.wait(request_id, services, timeout, until="final")
-
-    def wait_for_start(self, request_id: str, services: ServicesSpec = None,
-                       timeout: float = 10.0) -> dict[str, Any]:
-        """Like wait_for, until the services have reported anything (start, or a final
-        status for a request refused at once)."""
-        return self._statuses.wait(request_id, services, timeout, until="start")
 
     # ------------------------------------------------------------------ I/O thread
 

@@ -61,9 +61,10 @@ class Handler(Protocol):
         has not started yet); must not block for long."""
 
     # Optional: ``validate(request)`` raising ValueError refuses a request before it starts
-    # (request_fail with the message, no request_start). ``prepare(request_id, request)``
+    # (request_fail with the message, no request_start). ``before_start(request_id, request)``
     # runs in the request's thread before ``request_start`` is published: what must be
-    # ready when the user hears "started" (e.g. subscriptions) goes there.
+    # ready when the user hears "started" (e.g. subscriptions) goes there; raising fails
+    # the request.
 
 
 @dataclass
@@ -303,9 +304,9 @@ class RequestService:
     def _work(self, running: _Running, request: dict[str, Any]) -> None:
         running.entered.set()
         try:
-            prepare = getattr(self.handler, "prepare", None)
-            if prepare is not None:
-                prepare(running.request_id, request)
+            before_start = getattr(self.handler, "before_start", None)
+            if before_start is not None:
+                before_start(running.request_id, request)
             self._publish_status(running.request_id, running.body, ACTION_REQUEST_START, None)
             result = self.handler.on_request(running.request_id, request)
         except Exception as exc:

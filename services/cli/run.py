@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 
 from fastcore.buffer_sizing import BUFFER_SECONDS
-from fastcore.buffers import segment_alive, shm_dir, shm_name
+from fastcore.buffers import segment_alive, shm_dir, shm_name, shm_prefix
 from fastcore.config import ConfigError, load_config, parse_config, read_config_json
 from fastcore.names import Segment
 from fastcore.process import DEFAULT_IPC_DIR
@@ -147,7 +147,7 @@ class Launcher:
         leftovers = self.supervisor.stop()
         if leftovers:
             log.warning("killed processes that outlived their service: %s", leftovers)
-        prefix = f"stddaq.{self.config.detector_name}."
+        prefix = shm_prefix(self.config.detector_name)
         directory = shm_dir()
         for entry in os.listdir(directory):
             # a segment whose creator still runs belongs to another instance: keep it

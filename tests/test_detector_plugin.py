@@ -81,7 +81,7 @@ def test_toy_detector_end_to_end_pixel_exact(toy_env, make_config, ipc_dir, tmp_
         try:
             writer.wait_for("ready")
             request = {"output_file": out, "n_images": n}
-            agent.prepare("toy", request)
+            agent.before_start("toy", request)
             sending = threading.Thread(target=DetectorSimulator(config).run, args=(n, 20))
             sending.start()
             result = agent.on_request("toy", request)

@@ -107,7 +107,7 @@ def _sent_dropped(sender: Proc) -> int:
 
 def _write(agent: WriterAgent, request_id: str, out: str, n: int) -> dict:
     request = {"output_file": out, "n_images": n}
-    agent.prepare(request_id, request)
+    agent.before_start(request_id, request)
     return agent.on_request(request_id, request)
 
 

@@ -25,6 +25,7 @@ from fastcore.detectors import (
     detector_type,
     detector_type_names,
 )
+from fastcore.writer_split import MAX_WRITERS
 
 # Fields of original std-daq configs that stddaq accepts and does not use.
 _IGNORED_FIELDS = {
@@ -60,6 +61,8 @@ class DetectorConfig:
     gain_file: str | None = None
     output_root: str | None = None
     allow_request_user_id: bool = False  # may a write request choose the file owner?
+    n_writers: int = 1  # h5 writer processes sharing each run (a master file joins them)
+    frames_per_block: int = 100  # consecutive images per writer in a shared run
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -215,6 +218,11 @@ def parse_config(raw: Any, source: str = "config") -> DetectorConfig:
             optional["udp_host"] = raw["udp_host"]
         else:
             errors.append(f"udp_host: expected an IP address string, got {raw['udp_host']!r}")
+    for count_field, top in (("n_writers", MAX_WRITERS), ("frames_per_block", 1_000_000)):
+        if count_field in raw:
+            value = _int_field(raw, count_field, errors, 1, top)
+            if value is not None:
+                optional[count_field] = value
     for slots in ("n_image_slots", "n_frame_slots"):
         if slots in raw:
             value = _int_field(raw, slots, errors, 2, 1_000_000)

@@ -75,6 +75,9 @@ class ImageStatus(enum.IntFlag):
     (the assembler fell more than n_frame_slots frames behind)."""
     NOT_IN_BUFFER = 8
     """The writer found the image's ImageBuffer slot overwritten: it is not in the file."""
+    ABSENT = 16
+    """The image never reached the writer (its id was skipped): a run spread over several
+    writers keeps its row, zeros, so every writer's rows stay in image order."""
 
 
 class Encoding(enum.IntEnum):

@@ -13,6 +13,11 @@ the images written; the file is SWMR-readable while it is written. An image whos
 was overwritten before or during the write is stored as zeros with status NOT_IN_BUFFER
 and counted missing, never passed off as good data. Ids that never reached the writer
 between two of a run's images are counted as absent.
+
+A detector with ``n_writers`` > 1 runs one writer process per index (``--writer-index``):
+each writes its share of a run (fastcore/writer_split.py) into its own file, keeping a row
+(zeros, status ABSENT) for an image of its share that never came, and one of them lays out
+the master file (fastcore/vds_master.py) when the writer agent asks.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ import zmq
 from fastcore import __version__
 from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
 from fastcore.config import DetectorConfig
+from fastcore.file_layout import FILL_VALUES, METADATA_FIELDS
 from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus, image_records
 from fastcore.h5_recovery import RecoveryError, recover_file
-from fastcore.names import Segment, Stream
+from fastcore.names import Segment, Stream, writer_stream
 from fastcore.output_file import OutputPathError, create_exclusive, fd_path, open_or_create
 from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
+from fastcore.vds_master import MasterError, add_run, read_runs, relative_names, write_master
 from fastcore.writer_protocol import (
     COMMAND_TTL_S,
     COMPLETED,
@@ -52,8 +59,12 @@ from fastcore.writer_protocol import (
     INTERRUPTED,
     REPLACED,
     STOPPED,
+    BeginCommand,
     Heartbeat,
+    MasterCommand,
+    MasterWritten,
     ProtocolError,
+    RunFirstImage,
     RunInfo,
     RunProgress,
     RunStarted,
@@ -64,22 +75,23 @@ from fastcore.writer_protocol import (
     WriterFailure,
     decode_command,
 )
+from fastcore.writer_split import Split
 
 log = logging.getLogger(__name__)
 
-METADATA_FIELDS = ("image_id", "status", "pulse_id", "frame_index", "daq_rec")
 FLUSH_EVERY_S = 0.2  # rows become visible (and are reported written) at least this often
 _MAX_LISTED = 1000  # missing ids and absent ranges listed in a summary
 _RESERVE_BYTES = 2**20
 MAX_BATCH = 64  # images taken per loop turn (the loop stays responsive to commands)
-_FLAGS = [flag for flag in ImageStatus if flag]
+_FLAGS = [flag for flag in ImageStatus if flag and flag != ImageStatus.ABSENT]  # n_absent
 BITSHUFFLE_FILTER = 32008  # HDF5's registered id of the bitshuffle filter
 
 
-def journal_path(ipc_dir: str, detector_name: str) -> str:
+def journal_path(ipc_dir: str, detector_name: str, index: int = 0, n_writers: int = 1) -> str:
     """The writer's journal: which file it has open, for its successor to repair after a
     kill."""
-    return os.path.join(ipc_dir, f"stddaq-{detector_name}-writer.open")
+    name = writer_stream(Stream.WRITER, index, n_writers)
+    return os.path.join(ipc_dir, f"stddaq-{detector_name}-{name}.open")
 
 
 class WriteError(RuntimeError):
@@ -107,6 +119,18 @@ def effective_user(uid: int | None):
         os.setegid(0)
 
 
+def file_attributes(config: DetectorConfig, run_id: int, metadata: dict) -> dict[str, str | int]:
+    """The root attributes of every file stddaq writes (a run's file, a master)."""
+    return {
+        "software_version": f"stddaq {__version__}",
+        "run_id": run_id,
+        "detector_config": json.dumps(
+            {k: v for k, v in vars(config).items() if k != "extra"}
+            | {"module_positions": {str(k): v for k, v in config.module_positions.items()}}),
+        "request_metadata": json.dumps(metadata),
+    }
+
+
 def bitshuffle_chunk(image: np.ndarray) -> np.ndarray:
     """One image as an HDF5 filter-32008 chunk: 12-byte header + bitshuffle-lz4 blocks."""
     compressed = bitshuffle.compress_lz4(image, 0)
@@ -126,6 +150,7 @@ class RunFile:
     config: DetectorConfig
     images: ImageBuffer
     compression: str
+    split: Split | None = None  # this writer's share of a run spread over several
     n_rows: int = 0
     n_written: int = 0
     missing_ids: list[int] = field(default_factory=list)
@@ -133,6 +158,8 @@ class RunFile:
 
     def __post_init__(self) -> None:
         config = self.config
+        self.n_target = (self.split.rows_before(self.info.n_images) if self.split
+                         else self.info.n_images)  # rows this file gets of the run
         directory = os.path.dirname(self.path)
         self.reserve = os.path.join(directory, f".{os.path.basename(self.path)}.reserve")
         verb = "append to" if self.info.append else "write"
@@ -163,7 +190,7 @@ class RunFile:
         except BaseException:
             self.file.close()
             raise
-        self.meta = np.zeros((len(METADATA_FIELDS), min(self.info.n_images, 4096)), np.uint64)
+        self.meta = np.zeros((len(METADATA_FIELDS), min(self.n_target, 4096)), np.uint64)
         self.flushed = 0  # rows visible to readers, and kept if the writer is killed
         self._zero_chunk: np.ndarray | None = None
 
@@ -177,15 +204,11 @@ class RunFile:
             dtype=self.images.dtype, **filters)
         self.meta_sets = {
             name: group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(4096,),
-                                       dtype="<u8")
+                                       dtype="<u8", fillvalue=FILL_VALUES.get(name, 0))
             for name in METADATA_FIELDS
         }
-        self.file.attrs["software_version"] = f"stddaq {__version__}"
-        self.file.attrs["run_id"] = self.run_id
-        self.file.attrs["detector_config"] = json.dumps(
-            {k: v for k, v in vars(config).items() if k != "extra"}
-            | {"module_positions": {str(k): v for k, v in config.module_positions.items()}})
-        self.file.attrs["request_metadata"] = json.dumps(self.info.metadata)
+        for key, value in file_attributes(config, self.run_id, self.info.metadata).items():
+            self.file.attrs[key] = value
         for key, value in self.info.metadata.items():
             if isinstance(value, str | int | float | bool):
                 group.attrs[key] = value
@@ -241,18 +264,33 @@ class RunFile:
 
     @property
     def complete(self) -> bool:
-        return self.n_rows >= self.info.n_images
+        return self.n_rows >= self.n_target
+
+    def _grow_meta(self, rows: int) -> None:
+        """Room for ``rows`` rows of metadata (up to the run's rows)."""
+        if rows > self.meta.shape[1]:
+            grown = np.zeros((len(METADATA_FIELDS), min(max(2 * self.meta.shape[1], rows),
+                                                         self.n_target)), np.uint64)
+            grown[:, :self.n_rows] = self.meta[:, :self.n_rows]
+            self.meta = grown
+
+    def add_absent(self, image_ids: np.ndarray) -> None:
+        """Rows for images of this file's share that never came: zeros (no chunk is
+        written), status ABSENT, so later rows stay where the master expects them."""
+        row, n = self.n_rows, len(image_ids)
+        self._grow_meta(row + n)
+        self.meta[:, row:row + n] = 0
+        self.meta[0, row:row + n] = image_ids
+        self.meta[1, row:row + n] = ImageStatus.ABSENT
+        self.n_rows = row + n
+        self.data.id.set_extent((self.base + self.n_rows, *self.images.shape))
 
     def append(self, image_metadata: np.void) -> bool:
         """Write the next image from the ImageBuffer; False if it was no longer there (a
         row of zeros flagged NOT_IN_BUFFER)."""
         row, image_id = self.n_rows, int(image_metadata["id"])
         file_row = self.base + row
-        if row == self.meta.shape[1]:  # grow the metadata rows (up to n_images)
-            grown = np.zeros((len(METADATA_FIELDS), min(2 * row, self.info.n_images)),
-                             np.uint64)
-            grown[:, :row] = self.meta
-            self.meta = grown
+        self._grow_meta(row + 1)
         self.data.id.set_extent((file_row + 1, *self.images.shape))  # low level: ~5x cheaper
         if not self.images.holds(image_id):
             self._reattach()
@@ -350,19 +388,52 @@ class AbsentIds:
                 self.resets += 1
         self.last = image_id
 
+    def add_missing(self, image_ids: np.ndarray) -> None:
+        """Ids of a split run's share that never came (ascending): counted, ranges kept."""
+        if not len(image_ids):
+            return
+        self.count += len(image_ids)
+        breaks = np.flatnonzero(np.diff(image_ids) != 1)
+        starts = np.concatenate(([0], breaks + 1))
+        ends = np.concatenate((breaks, [len(image_ids) - 1]))
+        for start, end in zip(starts, ends, strict=True):
+            if len(self.ranges) >= _MAX_LISTED:
+                break
+            self.ranges.append([int(image_ids[start]), int(image_ids[end])])
+
 
 class Run:
     """One run: which images belong to it, its file, its accounting and timing."""
 
     def __init__(self, command: StartCommand, file: RunFile):
         self.command, self.file = command, file
+        self.split = command.split
         self.absent = AbsentIds()
         self.next_id = command.start_image_id  # until the first live image: skip older ids
         self.catching_up = self.next_id is not None  # take buffered images first
-        if self.next_id is not None:
+        if self.next_id is not None and self.split is None:
             self.absent.expect(self.next_id)
+        # a split run: its first image id; writer 0 takes the first that comes and
+        # announces it (first_pending), the others wait for it (waiting)
+        self.first_id = command.start_image_id
+        self.first_pending = False
+        self.waiting = (self.split is not None and self.split.index != 0
+                        and self.first_id is None)
+        if self.split is not None and self.next_id is not None:
+            self.next_id = self.first_id + self.split.next_owned(0)
         self.last_image_at = time.monotonic()
         self.flushed_at = time.monotonic()
+
+    def begin(self, first_image_id: int) -> None:
+        """A split run's writer (not writer 0) starts at ``first_image_id``: it takes its
+        share from there, those images still in the ImageBuffer first."""
+        if not self.waiting:
+            return
+        self.waiting = False
+        self.first_id = first_image_id
+        self.next_id = first_image_id + self.split.next_owned(0)
+        self.catching_up = True
+        self.last_image_at = time.monotonic()
 
     @property
     def run_id(self) -> int:
@@ -370,6 +441,9 @@ class Run:
 
     def take(self, records: np.ndarray) -> None:
         """Write the live images of ``records`` that belong to the run."""
+        if self.split is not None:
+            self._take_share(records)
+            return
         for record in records:
             if self.file.complete:
                 return
@@ -388,18 +462,73 @@ class Run:
                 break
             held = int(images.metadata(self.next_id)["id"])
             if held == self.next_id:
-                self._append(images.metadata(held).copy())
-                self.next_id += 1
+                record = images.metadata(held).copy()
+                if self.split is None:
+                    self._append(record)
+                else:
+                    self._place(record, held)
+                self._advance(self.next_id + 1)
             elif self.next_id < held < INVALID_ID:
                 # overwritten: go to the oldest images kept, past the tenth of the ring
                 # that the producer rewrites next
                 oldest = images.newest() - images.n_slots + 1
-                self.next_id = max(self.next_id + 1, oldest + images.n_slots // 10)
+                self._advance(max(self.next_id + 1, oldest + images.n_slots // 10))
+            elif (images.newest() or 0) > self.next_id:
+                # never produced (images come in id order, a later one is there)
+                self._advance(self.next_id + 1)
             else:  # not produced yet (or being written): the live stream brings it
                 break
         else:
             return
         self.catching_up = False
+
+    def _advance(self, image_id: int) -> None:
+        """The next image to take from the buffer: ``image_id``, or a split run's next
+        image of this writer's share from there."""
+        if self.split is not None:
+            image_id = self.first_id + self.split.next_owned(image_id - self.first_id)
+        self.next_id = image_id
+
+    def _take_share(self, records: np.ndarray) -> None:
+        """A split run: write this writer's share of the live images."""
+        for record in records:
+            if self.file.complete or self.waiting:
+                return
+            image_id = int(record["id"])
+            if self.first_id is None:  # writer 0: the run starts with this image
+                self.first_id, self.first_pending = image_id, True
+            if self.next_id is not None:
+                if image_id < self.next_id:
+                    continue  # taken from the buffer already
+                self.next_id = None
+            self._place(record, image_id)
+
+    def _place(self, record: np.void, image_id: int) -> None:
+        """Image ``image_id`` of a split run reached this writer: its row if it is of this
+        writer's share; rows of its share that were skipped become ABSENT rows."""
+        split, file = self.split, self.file
+        k = image_id - self.first_id
+        if k < 0:
+            return  # older than the run (or the detector counts again: its rows stay)
+        self.last_image_at = time.monotonic()
+        if k >= file.info.n_images:
+            self._skip_to(file.n_target)  # the run's images are over
+            return
+        row = split.rows_before(k)
+        if split.owns(k) and row >= file.n_rows:
+            self._skip_to(row)
+            file.append(record)
+        elif split.rows_before(k + 1) >= file.n_target:
+            self._skip_to(file.n_target)  # past this writer's last image of the run
+
+    def _skip_to(self, row: int) -> None:
+        """Rows up to ``row`` whose images never came: ABSENT rows, counted."""
+        file = self.file
+        if row > file.n_rows:
+            rows = np.arange(file.n_rows, row, dtype=np.int64)
+            ids = self.first_id + self.split.image_of_row(rows)
+            file.add_absent(ids)
+            self.absent.add_missing(ids)
 
     def _append(self, record: np.void) -> None:
         self.absent.add(int(record["id"]))
@@ -410,7 +539,7 @@ class Run:
         file = self.file
         n_good, flagged = file.flag_counts()
         return RunSummary(
-            run_id=self.run_id, output_file=file.path, n_images=file.info.n_images,
+            run_id=self.run_id, output_file=file.path, n_images=file.n_target,
             reason=reason, message=message, n_written=file.n_written,
             n_missing=file.n_missing, n_good=n_good, n_flagged=flagged,
             n_absent=self.absent.count, absent_ranges=self.absent.ranges,
@@ -446,6 +575,13 @@ class H5Writer:
             if self.run is not None and self.run.run_id == command.run_id:
                 self.finish(STOPPED)
             return
+        if isinstance(command, BeginCommand):
+            if self.run is not None and self.run.run_id == command.run_id:
+                self.run.begin(command.first_image_id)
+            return
+        if isinstance(command, MasterCommand):
+            self.write_master(command)
+            return
         age = time.time() - command.sent_at
         if age > COMMAND_TTL_S:
             self._fail_open(command.run_id, f"the start of run {command.run_id} was sent "
@@ -455,25 +591,80 @@ class H5Writer:
             self.finish(REPLACED, f"replaced by run {command.run_id}")
         self.open(command)
 
-    def open(self, command: StartCommand) -> None:
-        info, run_id = command.run_info, command.run_id
+    def _below_root(self, output_file: str) -> str:
+        """The normalised path; WriteError if it is outside the config's output root."""
         root = self.config.output_root
-        path = os.path.normpath(info.output_file)
+        path = os.path.normpath(output_file)
+        if root and os.path.commonpath([os.path.abspath(root), path]) != os.path.abspath(root):
+            raise WriteError(f"output_file {path} is outside the output root {root}")
+        return path
+
+    def open(self, command: StartCommand) -> None:
+        info, run_id, split = command.run_info, command.run_id, command.split
         try:
-            if root and os.path.commonpath([os.path.abspath(root), path]) != \
-                    os.path.abspath(root):
-                raise WriteError(f"output_file {path} is outside the output root {root}")
+            path = self._below_root(info.output_file)
             images = self._image_buffer()
             file = RunFile(path, run_id, info, self.config, images,
-                           info.compression or self.compression)
+                           info.compression or self.compression, split)
         except (WriteError, ShmBufferError, OSError) as exc:
             self._fail_open(run_id, str(exc))
             return
         self.run = Run(command, file)
         self._write_journal(file)
-        log.info("run %d: writing %d images to %s%s", run_id, info.n_images, path,
+        share = (f" (writer {split.index} of {split.n_writers}: {file.n_target} of "
+                 f"{info.n_images} images)" if split else "")
+        log.info("run %d: writing %d images to %s%s%s", run_id, file.n_target, path, share,
                  f" after its {file.base} rows" if info.append else "")
-        self.publish(RunStarted(run_id, path, info.n_images, file.base))
+        self.publish(RunStarted(run_id, path, file.n_target, file.base))
+
+    def write_master(self, command: MasterCommand) -> None:
+        """Lay out the master file of a split run (a new file; an appending run rebuilds
+        it under a temporary name and renames it over the old one)."""
+        run_id = command.run_id
+        try:
+            path = self._below_root(command.output_file)
+            names = relative_names(path, command.writer_files)
+            master_start = self._write_master(command, path, names)
+        except (WriteError, MasterError, OutputPathError, OSError) as exc:
+            self._fail_open(run_id, f"master file {command.output_file}: {exc}")
+            return
+        log.info("run %d: master %s joins %s", run_id, path, ", ".join(names))
+        self.publish(MasterWritten(run_id, path, master_start))
+
+    def _write_master(self, command: MasterCommand, path: str, names: list[str]) -> int:
+        config, root = self.config, self.config.output_root
+        images = self._image_buffer()
+        with effective_user(command.user_id or config.writer_user_id):
+            runs = []
+            if command.append:
+                dir_fd, fd, created = open_or_create(path, root)
+                try:
+                    if not created:
+                        with h5py.File(fd_path(fd), "r") as old:
+                            runs = read_runs(old, names, command.frames_per_block)
+                finally:
+                    os.close(fd)
+                    os.close(dir_fd)
+            runs = add_run(runs, command.run_id, command.bases, command.frames_per_block)
+            target = path if not command.append else os.path.join(
+                os.path.dirname(path), f".{os.path.basename(path)}.{command.run_id}.tmp")
+            dir_fd, fd = create_exclusive(target, root)
+            try:
+                with h5py.File(fd_path(fd), "w", libver="latest") as master:
+                    write_master(master, config.detector_name, images.shape, images.dtype,
+                                 names, command.frames_per_block, runs,
+                                 file_attributes(config, command.run_id, command.metadata))
+                if target != path:
+                    os.rename(os.path.basename(target), os.path.basename(path),
+                              src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.basename(target), dir_fd=dir_fd)
+                raise
+            finally:
+                os.close(fd)
+                os.close(dir_fd)
+        return runs[-1].master_start
 
     def _image_buffer(self) -> ImageBuffer:
         """The ImageBuffer, attached once and kept (a fresh mapping would page-fault through
@@ -494,6 +685,9 @@ class H5Writer:
         if run is None or not len(records):
             return
         self._guard(run.take, records)
+        if run.first_pending:
+            run.first_pending = False
+            self.publish(RunFirstImage(run.run_id, run.first_id))
 
     def _guard(self, write: Callable, *args) -> None:
         run = self.run
@@ -618,21 +812,26 @@ def decode_records(messages: list[bytes]) -> np.ndarray:
 
 
 def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
-          compression: str) -> None:
-    name = config.detector_name
+          compression: str, index: int = 0) -> None:
+    name, n_writers = config.detector_name, config.n_writers
+    if not 0 <= index < n_writers:
+        raise ValueError(f"--writer-index: {index} is not one of the config's n_writers "
+                         f"{n_writers} (0 .. {n_writers - 1})")
     ctx = zmq.Context.instance()
     commands = ctx.socket(zmq.PULL)
-    commands.bind(ipc_address(ipc_dir, name, Stream.WRITER))
+    commands.bind(ipc_address(ipc_dir, name, writer_stream(Stream.WRITER, index, n_writers)))
     status = ctx.socket(zmq.PUB)
-    status.bind(ipc_address(ipc_dir, name, Stream.WRITER_STATUS))
+    status.bind(ipc_address(ipc_dir, name, writer_stream(Stream.WRITER_STATUS, index,
+                                                          n_writers)))
     images = subscribe(ctx, ipc_address(ipc_dir, name, Stream.IMAGE))
-    journal = journal_path(ipc_dir, name)
+    journal = journal_path(ipc_dir, name, index, n_writers)
     writer = H5Writer(config, lambda event: status.send(event.to_json()), compression, journal)
     writer.recover()
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
     poller.register(images, zmq.POLLIN)
-    log.info("ready: writing %s images on request (compression %s)", name, compression)
+    log.info("ready: writing %s images on request (compression %s%s)", name, compression,
+             f"; writer {index} of {n_writers}" if n_writers > 1 else "")
     try:
         while not stop.is_set():
             ready = dict(poller.poll(0 if writer.catching_up else 100))
@@ -666,9 +865,11 @@ def main(argv: list[str] | None = None) -> int:
     add_common_arguments(parser)
     parser.add_argument("--compression", choices=COMPRESSIONS, default="none",
                         help="chunk compression when a request does not say (default: none)")
+    parser.add_argument("--writer-index", type=int, default=0, metavar="I",
+                        help="which of the config's n_writers this process is (default: 0)")
     args = parser.parse_args(argv)
-    return run_service("stddaq-h5-writer", args,
-                       lambda config, stop: serve(config, args.ipc_dir, stop, args.compression))
+    return run_service("stddaq-h5-writer", args, lambda config, stop: serve(
+        config, args.ipc_dir, stop, args.compression, args.writer_index))
 
 
 if __name__ == "__main__":

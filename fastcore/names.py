@@ -16,6 +16,12 @@ class Stream(StrEnum):
     WRITER_STATUS = "writer-status"  # h5 writer -> writer agent: events
 
 
+def writer_stream(stream: Stream, index: int, n_writers: int) -> str:
+    """The command or event stream of h5 writer ``index`` of ``n_writers`` (the plain name
+    when the detector has one writer)."""
+    return str(stream) if n_writers == 1 else f"{stream}-{index}"
+
+
 class Segment(StrEnum):
     """Shared-memory segments ``stddaq.<detector>.<segment>``."""
 

@@ -12,12 +12,20 @@ Commands to the writer (ZMQ PUSH -> PULL ``stddaq-<det>-writer``), one JSON obje
   refused (it was queued while the writer was down).
 - ``stop``: close run ``run_id`` now (a kill).
 
+A run spread over N writers (``start`` with a ``split``, see fastcore/writer_split.py): each
+writer writes its share of the run's images into its own file. Writer 0 starts at the
+first image that comes (or ``start_image_id``) and reports it (``first_image``); the others
+open their files and wait for ``begin`` with that id, then take their images from there,
+those already in the ImageBuffer first. ``master`` has a writer lay out the master file
+(:mod:`fastcore.vds_master`) once every writer's file is open.
+
 Events from the writer (ZMQ PUB ``stddaq-<det>-writer-status``), one JSON object each, all
 with ``event`` and ``run_id``: ``heartbeat`` every :data:`HEARTBEAT_S` (:class:`Heartbeat`:
 ``pid``, the open run or None), ``start`` (:class:`RunStarted`), ``progress``
 (:class:`RunProgress`: rows flushed to the file, at most every 0.2 s), ``error``
-(:class:`WriterFailure`: ``message``) and ``stop`` (the run's :class:`RunSummary`). The
-writer builds them, the agent reads them back with :func:`decode_event`.
+(:class:`WriterFailure`: ``message``), ``stop`` (the run's :class:`RunSummary`),
+``first_image`` (:class:`RunFirstImage`) and ``master`` (:class:`MasterWritten`). The writer
+builds them, the agent reads them back with :func:`decode_event`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
+
+from fastcore.writer_split import MAX_WRITERS, Split
 
 COMPRESSIONS = ("none", "bitshuffle-lz4")
 HEARTBEAT_S = 0.5
@@ -94,6 +104,7 @@ class StartCommand:
     image_timeout_s: float
     start_image_id: int | None = None
     sent_at: float = field(default_factory=time.time)
+    split: Split | None = None  # this writer's share of a run spread over several
 
     def validate(self) -> None:
         _check_int("run_id", self.run_id, 0, 2**64 - 1)
@@ -103,6 +114,10 @@ class StartCommand:
                                 f"{MAX_IMAGE_TIMEOUT_S:g}, got {self.image_timeout_s!r}")
         if self.start_image_id is not None:
             _check_int("start_image_id", self.start_image_id, 0, MAX_ID)
+        if self.split is not None:
+            _check_int("split.n_writers", self.split.n_writers, 1, MAX_WRITERS)
+            _check_int("split.index", self.split.index, 0, self.split.n_writers - 1)
+            _check_int("split.frames_per_block", self.split.frames_per_block, 1, MAX_IMAGES)
 
     def to_json(self) -> bytes:
         return json.dumps({"command": "start"} | asdict(self)).encode()
@@ -118,7 +133,56 @@ class StopCommand:
         return json.dumps({"command": "stop", "run_id": self.run_id}).encode()
 
 
-def decode_command(data: bytes) -> StartCommand | StopCommand:
+@dataclass(frozen=True)
+class BeginCommand:
+    """Run ``run_id`` (a writer of a split run other than writer 0) starts at image
+    ``first_image_id``."""
+
+    run_id: int
+    first_image_id: int
+
+    def to_json(self) -> bytes:
+        return json.dumps({"command": "begin"} | asdict(self)).encode()
+
+
+@dataclass(frozen=True)
+class MasterCommand:
+    """Lay out ``output_file`` as the master of a split run: virtual datasets over
+    ``writer_files``, this run's rows starting at ``bases[w]`` in writer ``w``'s file
+    (after the runs the master already holds when ``append``)."""
+
+    run_id: int
+    output_file: str
+    writer_files: list[str]
+    frames_per_block: int
+    bases: list[int]
+    append: bool = False
+    user_id: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check_int("run_id", self.run_id, 0, 2**64 - 1)
+        RunInfo(self.output_file, 1, self.metadata, self.user_id, None, self.append).validate()
+        if not isinstance(self.writer_files, list) or not self.writer_files or any(
+                not isinstance(p, str) or os.path.dirname(p) != os.path.dirname(
+                    self.output_file) for p in self.writer_files):
+            raise ProtocolError("writer_files: expected the writers' file paths, in the "
+                                f"master's directory, got {self.writer_files!r:.200}")
+        _check_int("frames_per_block", self.frames_per_block, 1, MAX_IMAGES)
+        if not isinstance(self.bases, list) or len(self.bases) != len(self.writer_files):
+            raise ProtocolError(f"bases: expected one row number per writer file, got "
+                                f"{self.bases!r:.200}")
+        for base in self.bases:
+            _check_int("bases[]", base, 0, MAX_ID)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"command": "master"} | asdict(self)).encode()
+
+
+WriterCommand = StartCommand | StopCommand | BeginCommand | MasterCommand
+
+
+def decode_command(data: bytes) -> WriterCommand:
     """A command from its JSON; raises ProtocolError naming what is wrong."""
     try:
         raw = json.loads(data)
@@ -136,12 +200,26 @@ def decode_command(data: bytes) -> StartCommand | StopCommand:
             info = raw.pop("run_info", None)
             if not isinstance(info, dict):
                 raise ProtocolError(f"run_info: expected an object, got {info!r:.80}")
-            start = StartCommand(run_info=RunInfo(**info), **raw)
+            split = raw.pop("split", None)
+            if split is not None and not isinstance(split, dict):
+                raise ProtocolError(f"split: expected an object, got {split!r:.80}")
+            start = StartCommand(run_info=RunInfo(**info),
+                                 split=Split(**split) if split else None, **raw)
             start.validate()
             return start
+        if command == "begin":
+            begin = BeginCommand(**raw)
+            _check_int("run_id", begin.run_id, 0, 2**64 - 1)
+            _check_int("first_image_id", begin.first_image_id, 0, MAX_ID)
+            return begin
+        if command == "master":
+            master = MasterCommand(**raw)
+            master.validate()
+            return master
     except TypeError as exc:
         raise ProtocolError(f"bad {command} command: {exc}") from None
-    raise ProtocolError(f"command: expected 'start' or 'stop', got {command!r:.40}")
+    raise ProtocolError(f"command: expected 'start', 'stop', 'begin' or 'master', got "
+                        f"{command!r:.40}")
 
 
 # --- events (writer -> agent) ---------------------------------------------------------
@@ -200,6 +278,25 @@ class WriterFailure(_Event):
     EVENT: ClassVar[str] = "error"
     run_id: int | None
     message: str
+
+
+@dataclass(frozen=True)
+class RunFirstImage(_Event):
+    """Writer 0 of a split run: the run starts at image ``first_image_id``."""
+
+    EVENT: ClassVar[str] = "first_image"
+    run_id: int
+    first_image_id: int
+
+
+@dataclass(frozen=True)
+class MasterWritten(_Event):
+    """The master file of a split run is laid out."""
+
+    EVENT: ClassVar[str] = "master"
+    run_id: int
+    output_file: str
+    master_start: int  # the master's row of this run's first image
 
 
 # Why a run ended (RunSummary.reason).
@@ -267,9 +364,11 @@ class RunSummary(_Event):
         return super().to_dict() | {"outcome": self.outcome}
 
 
-WriterEvent = Heartbeat | RunStarted | RunProgress | WriterFailure | RunSummary
+WriterEvent = (Heartbeat | RunStarted | RunProgress | WriterFailure | RunSummary
+               | RunFirstImage | MasterWritten)
 _EVENTS: dict[str, type] = {cls.EVENT: cls for cls in
-                            (Heartbeat, RunStarted, RunProgress, WriterFailure, RunSummary)}
+                            (Heartbeat, RunStarted, RunProgress, WriterFailure, RunSummary,
+                             RunFirstImage, MasterWritten)}
 
 
 def decode_event(data: bytes | dict[str, Any]) -> WriterEvent:

@@ -20,7 +20,7 @@ DEPLOYING, DONE = "Deploying", "Done"
 ERROR_PREFIX = "Error"
 CONFIGS_KEPT = 100
 # where files go may only be changed in the operator's config file, never by a caller
-OPERATOR_FIELDS = ("output_root", "allow_request_user_id")
+OPERATOR_FIELDS = ("output_root", "allow_request_user_id", "n_writers")
 KEPT_S = 30 * 24 * 3600  # a detector's config history expires a month after its last change
 
 

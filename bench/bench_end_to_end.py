@@ -48,7 +48,7 @@ from fastcore.writer_protocol import (
     StopCommand,
     WriterFailure,
 )
-from services.writer_agent import WriterLink
+from services.writer_link import WriterLink
 
 RATES = [100, 250, 500, 1000, 1500, 2000, 2500]
 COST_RATE = 1000  # the rate of cpu_per_image_ratio

@@ -25,50 +25,27 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from fastcore.config import ConfigError, DetectorConfig, parse_config
-from fastcore.names import Stream
-from fastcore.process import DEFAULT_IPC_DIR, ipc_address, subscribe
+from fastcore.process import DEFAULT_IPC_DIR
 from fastcore.writer_protocol import (
     COMPRESSIONS,
     MAX_ID,
     MAX_IMAGE_TIMEOUT_S,
     MAX_IMAGES,
-    Heartbeat,
-    ProtocolError,
-    RunInfo,
-    RunProgress,
-    RunStarted,
-    RunSummary,
-    StartCommand,
-    StopCommand,
-    WriterEvent,
-    WriterFailure,
-    decode_event,
     valid_image_timeout,
 )
 from services.cli import seconds
 from services.progress import ProgressPublisher
 from services.requests import RequestError, output_path
 from services.startup import SetupError, redis_client, serve_primary, service_setup
+from services.writer_link import BusyError, WriterLink
+from services.writer_runs import SingleRun, SplitRun
 
 log = logging.getLogger(__name__)
-
-START_TIMEOUT_S = 10.0  # the writer opens the file before it confirms a start
-
-
-class BusyError(RuntimeError):
-    """The detector is already writing another request."""
-
-
-class WriterError(RuntimeError):
-    """The HDF5 writer reported an error, or stopped answering."""
 
 
 @dataclass(frozen=True)
@@ -146,46 +123,6 @@ def validate_write_request(request: Any, config: DetectorConfig) -> WriteRequest
                         None if image_timeout is None else float(image_timeout), append)
 
 
-class WriterLink:
-    """The agent's two sockets to stddaq-h5-writer: commands out, events in."""
-
-    def __init__(self, ipc_dir: str, detector_name: str):
-        ctx = zmq.Context.instance()
-        self.address = ipc_address(ipc_dir, detector_name, Stream.WRITER)
-        self.commands = ctx.socket(zmq.PUSH)
-        self.commands.setsockopt(zmq.IMMEDIATE, 1)  # never queue for an absent writer
-        self.commands.setsockopt(zmq.LINGER, 0)
-        self.commands.connect(self.address)
-        self.events = subscribe(ctx, ipc_address(ipc_dir, detector_name, Stream.WRITER_STATUS))
-
-    def send(self, message: bytes, timeout_s: float = 1.0) -> None:
-        """Send a command; WriterError when no writer is connected within ``timeout_s``."""
-        if not self.commands.poll(int(timeout_s * 1000), zmq.POLLOUT):
-            raise WriterError(f"stddaq-h5-writer is not running (nothing listens on "
-                              f"{self.address})")
-        self.commands.send(message, zmq.NOBLOCK)
-
-    def receive(self, timeout_s: float) -> WriterEvent | None:
-        """The next event, or None after ``timeout_s`` (a message that is not a writer
-        event is logged and skipped)."""
-        deadline = time.monotonic() + timeout_s
-        while self.events.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            data = self.events.recv()
-            try:
-                return decode_event(data)
-            except ProtocolError as exc:
-                log.warning("ignored a message on %s: %s", self.address, exc)
-        return None
-
-    def drain(self) -> None:
-        while self.events.poll(0):
-            self.events.recv()
-
-    def close(self) -> None:
-        self.commands.close(0)
-        self.events.close(0)
-
-
 class WriterAgent:
     """The writer agent's request handling (``on_request``/``on_kill`` of a primary service)."""
 
@@ -200,8 +137,8 @@ class WriterAgent:
         self._busy = threading.Lock()
         self._current: tuple[str, str] | None = None  # (request_id, output_file)
         self._kill = threading.Event()
-        self._opened: _Run | None = None  # the run before_start opened, for on_request
-        self._link: WriterLink | None = None
+        self._opened: SingleRun | SplitRun | None = None  # before_start's, for on_request
+        self._links: list[WriterLink] = []
         self.counters = {"requests": 0, "succeeded": 0, "partial": 0, "failed": 0,
                          "images_written": 0, "images_missing": 0}
 
@@ -226,9 +163,12 @@ class WriterAgent:
         self._current = (request_id, write.output_file)
         self._kill.clear()
         try:
-            if self._link is None:
-                self._link = WriterLink(self.ipc_dir, self.config.detector_name)
-            run = _Run(self, self._link, request_id, write)
+            n_writers = self.config.n_writers
+            if not self._links:
+                self._links = [WriterLink(self.ipc_dir, self.config.detector_name, i, n_writers)
+                               for i in range(n_writers)]
+            run = (SingleRun(self, self._links[0], request_id, write) if n_writers == 1
+                   else SplitRun(self, self._links, request_id, write))
             run.start()
             self._opened = run
         except BaseException:
@@ -261,109 +201,9 @@ class WriterAgent:
             self._kill.set()
 
     def close(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
-
-
-class _Run:
-    """One request's run: start the writer, follow its events, build the result."""
-
-    def __init__(self, agent: WriterAgent, link: WriterLink, request_id: str,
-                 write: WriteRequest):
-        self.agent, self.link, self.request_id, self.write = agent, link, request_id, write
-        self.run_id = write.run_id if write.run_id is not None else time.time_ns()
-        self.info = RunInfo(write.output_file, write.n_images, write.metadata, write.user_id,
-                            write.compression, write.append)
-        self.image_timeout_s = write.image_timeout or agent.image_timeout_s
-        self.progress = {"n_rows": 0, "n_written": 0, "n_missing": 0}
-        self.summary: RunSummary | None = None
-        self.writer_pid: int | None = None
-
-    def start(self) -> None:
-        """Have the writer open the run; WriterError with the writer's reason if it cannot."""
-        self.link.drain()
-        self.link.send(StartCommand(self.run_id, self.info, self.image_timeout_s,
-                                    self.write.start_image_id).to_json())
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            event = self.link.receive(deadline - time.monotonic())
-            if event is None:
-                raise WriterError(f"h5 writer for {self.agent.config.detector_name} did not "
-                                  f"confirm the start within {START_TIMEOUT_S:g} s: is "
-                                  "stddaq-h5-writer running?")
-            if event.run_id != self.run_id:
-                continue
-            if isinstance(event, WriterFailure):
-                raise WriterError(f"h5 writer: {event.message}")
-            self._on_event(event)
-            return
-
-    def follow(self) -> dict:
-        """Relay progress until the writer's summary; stop the run on a kill."""
-        agent, timeout = self.agent, self.agent.writer_timeout_s
-        heard = time.monotonic()
-        stop_sent = False
-        while self.summary is None:
-            if agent._kill.is_set() and not stop_sent:
-                self.link.send(StopCommand(self.run_id).to_json())
-                stop_sent = True
-            event = self.link.receive(0.1)
-            now = time.monotonic()
-            if event is not None:
-                heard = now
-                self._on_event(event)
-            elif now - heard > timeout:
-                raise WriterError(f"h5 writer for {agent.config.detector_name} stopped "
-                                  f"answering (no heartbeat for {timeout:g} s) "
-                                  f"{self._written()}; a restarted stddaq-h5-writer "
-                                  "repairs it")
-        summary = self.summary
-        self._report(done=True)
-        if summary.outcome == "fail":
-            raise WriterError(f"{summary.message or summary.reason}; {summary.describe()}")
-        return {"output_file": summary.output_file, "run_id": self.run_id,
-                "outcome": summary.outcome, "n_images": summary.n_written,
-                "n_requested": self.write.n_images, "n_missing": summary.n_missing,
-                "missing_image_ids": summary.missing_image_ids, "n_good": summary.n_good,
-                "n_flagged": summary.n_flagged, "n_absent": summary.n_absent,
-                "absent_ranges": summary.absent_ranges, "killed": stop_sent,
-                "first_row": summary.first_row,
-                "summary": summary.describe()}
-
-    def _on_event(self, event: WriterEvent) -> None:
-        if isinstance(event, Heartbeat):
-            pid = event.pid
-            if self.writer_pid is not None and pid != self.writer_pid:
-                raise WriterError(f"h5 writer for {self.agent.config.detector_name} "
-                                  f"restarted during the run (pid {self.writer_pid} -> {pid}) "
-                                  f"{self._written()}")
-            self.writer_pid = pid
-            return
-        if event.run_id != self.run_id:
-            return
-        if isinstance(event, RunStarted):
-            self._report()
-        elif isinstance(event, RunProgress):
-            self.progress.update(n_rows=event.n_rows, n_written=event.n_written,
-                                 n_missing=event.n_missing)
-            self._report()
-        elif isinstance(event, RunSummary):
-            self.summary = event
-            self.progress.update(n_rows=event.n_rows, n_written=event.n_written,
-                                 n_missing=event.n_missing)
-        elif isinstance(event, WriterFailure):
-            raise WriterError(f"h5 writer: {event.message}")
-
-    def _written(self) -> str:
-        """What the file holds when the writer went away mid-run."""
-        return (f"after {self.progress['n_rows']} of {self.write.n_images} images: "
-                f"{self.write.output_file} holds the images written")
-
-    def _report(self, done: bool = False) -> None:
-        self.agent.progress({"request_id": self.request_id, "run_id": self.run_id,
-                             "output_file": self.write.output_file,
-                             "n_images": self.write.n_images, **self.progress, "done": done})
+        for link in self._links:
+            link.close()
+        self._links = []
 
 
 def main(argv: list[str] | None = None) -> int:

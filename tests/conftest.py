@@ -120,13 +120,14 @@ def make_config(tmp_path):
 
 
 @pytest.fixture
-def stddaq(make_config, ipc_dir, tmp_path):
+def stddaq(request, make_config, ipc_dir, tmp_path):
     """(std-daq services: writer agent, h5 writer and a fake assembler, the free-running
     fake detector feeding them) for the front-end tests (Ophyd, ophyd-async, REST)."""
     from tests.test_ophyd import FreeRunning
     from tests.test_writer_agent_service import AgentSetup
 
-    agent = AgentSetup(make_config, ipc_dir, tmp_path)
+    overrides = getattr(request, "param", {})  # e.g. {"n_writers": 2} (indirect)
+    agent = AgentSetup(make_config, ipc_dir, tmp_path, **overrides)
     detector = FreeRunning(agent)
     yield agent, detector
     detector.stop()

@@ -284,3 +284,38 @@ def test_fly_scan_kickoff_complete_collect(daq):
     with h5py.File(file_of(docs), "r") as f:
         assert f[f"/{daq.config.detector_name}/data"].shape[0] == 6
     assert no_request_running(daq)
+
+
+@pytest.mark.parametrize("stddaq", [{"n_writers": 2, "frames_per_block": 2}], indirect=True)
+def test_two_writers_the_documents_point_at_the_master_and_tiled_reads_it(stddaq):
+    """With the detector's images spread over two writers (blocks of 2), a count with 3
+    images per trigger writes one appending split run per trigger; the stream documents
+    name the master, and Tiled reads it back equal to the images in order."""
+    from bluesky.callbacks.tiled_writer import TiledWriter
+    from tiled.client import from_uri
+    from tiled.server import SimpleTiledServer
+
+    daq = stddaq[0]
+    device = make_device(daq, images_per_trigger=3)
+    with SimpleTiledServer(readable_storage=[str(daq.out_dir)]) as server:
+        client = from_uri(server.uri)
+        RE = RunEngine({})
+        docs = []
+        RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        RE.subscribe(TiledWriter(client))
+        (uid,) = RE(bp.count([device], num=4))
+        array = np.asarray(client[uid]["primary"]["jf_image"].read())
+    master = file_of(docs)
+    assert validate(docs)["stream_datum"] == 4
+    with h5py.File(master, "r") as f:
+        group = f[f"/{daq.config.detector_name}"]
+        assert group["data"].is_virtual
+        written, ids = group["data"][:], group["image_id"][:].astype(np.int64)
+        assert list(group["status"][:]) == [0] * 12
+    stem = master.removesuffix(".h5")
+    for index in (0, 1):  # each trigger's blocks: images 0-1 to writer 0, 2 to writer 1
+        with h5py.File(f"{stem}_w{index}.h5", "r") as f:
+            assert f[f"/{daq.config.detector_name}/data"].shape[0] == 4 * (2 - index)
+    assert len(ids) == 12 and all(np.diff(ids.reshape(4, 3), axis=1).ravel() == 1)
+    assert [int(image.max()) for image in written] == [int(i) % 60000 for i in ids]
+    np.testing.assert_array_equal(array, written.reshape(4, 3, *daq.config.image_shape))

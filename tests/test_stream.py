@@ -14,7 +14,7 @@ from fastcore.names import Segment
 from fastcore.preview import parse_preview_message
 from fastcore.simulator import DetectorSimulator
 from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, WriterFailure
-from services.writer_agent import WriterLink
+from services.writer_link import WriterLink
 from tests.conftest import Proc, free_tcp_port, module_cmd
 from tests.pipeline import Pipeline, expected_image
 

@@ -15,7 +15,8 @@ from fastcore.buffers import shm_name
 from fastcore.config import load_config
 from fastcore.names import Segment
 from fastcore.simulator import DetectorSimulator
-from services.writer_agent import WriterAgent, WriterError
+from services.writer_agent import WriterAgent
+from services.writer_link import WriterError
 from tests.conftest import Proc, module_cmd, shm_files
 from tests.pipeline import Pipeline
 

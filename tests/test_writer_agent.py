@@ -32,13 +32,8 @@ from fastcore.writer_protocol import (
     WriterFailure,
     decode_event,
 )
-from services.writer_agent import (
-    BusyError,
-    RequestError,
-    WriterAgent,
-    WriterError,
-    validate_write_request,
-)
+from services.writer_agent import RequestError, WriterAgent, validate_write_request
+from services.writer_link import BusyError, WriterError
 from tests.conftest import REPO, Proc, module_cmd
 
 

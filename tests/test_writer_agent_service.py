@@ -27,14 +27,15 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class AgentSetup:
-    def __init__(self, make_config, ipc_dir, tmp_path, redis_port=6379):
+    def __init__(self, make_config, ipc_dir, tmp_path, redis_port=6379, **overrides):
         self.out_dir = tmp_path / "data"
         self.out_dir.mkdir()
-        path, _ = make_config("jungfrau_1m.json", output_root=str(self.out_dir))
+        path, _ = make_config("jungfrau_1m.json", output_root=str(self.out_dir), **overrides)
         self.config = load_config(path)
         self.service = f"t.{uuid.uuid4().hex[:8]}.writer"
         self.assembler = FakeAssembler(self.config, ipc_dir, n_slots=64)
-        self.writer = self.agent = self.client = None
+        self.writers: list[Proc] = []
+        self.agent = self.client = None
         try:
             self._start(path, ipc_dir, tmp_path, redis_port)
         except BaseException:
@@ -43,9 +44,11 @@ class AgentSetup:
         self.next_id = 1
 
     def _start(self, path, ipc_dir, tmp_path, redis_port) -> None:
-        self.writer = Proc(module_cmd("fastcore.h5_writer", str(path), "--ipc-dir", ipc_dir),
-                           tmp_path / "writer.log")
-        self.writer.wait_for("ready")
+        for i in range(self.config.n_writers):
+            self.writers.append(Proc(module_cmd(
+                "fastcore.h5_writer", str(path), "--ipc-dir", ipc_dir, "--writer-index",
+                str(i)), tmp_path / f"writer{i}.log"))
+            self.writers[-1].wait_for("ready")
         self.agent = Proc(module_cmd(
             "services.writer_agent", "--service_name", self.service, "--json_config_file",
             str(path), "--ipc-dir", ipc_dir, "--image-timeout", "5",
@@ -67,7 +70,7 @@ class AgentSetup:
         codes = {}
         if self.client is not None:
             self.client.close()
-        for proc in (self.agent, self.writer):
+        for proc in (self.agent, *self.writers):
             if proc is not None:
                 codes[proc.log_path.name] = proc.stop()
         self.assembler.close()

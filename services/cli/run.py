@@ -74,7 +74,7 @@ def service_specs(config_path: str, options: LaunchOptions) -> list[ServiceSpec]
         ServiceSpec("udp-recv", [*py, "fastcore.udp_recv", config_path, *common]),
         ServiceSpec("sync", [*py, "fastcore.sync", config_path, *common]),
         ServiceSpec("assembler", [*py, "fastcore.assembler", config_path, *common]),
-        ServiceSpec("h5-writer", [*py, "fastcore.h5_writer", config_path, *common]),
+        *writer_specs(config.n_writers, [*py, "fastcore.h5_writer", config_path, *common]),
         ServiceSpec("writer-agent", [*py, "services.writer_agent", "--service_name",
                                      f"{name}.writer", "--json_config_file", config_path,
                                      *common, *service]),
@@ -103,6 +103,19 @@ def service_specs(config_path: str, options: LaunchOptions) -> list[ServiceSpec]
                                                "--frames", "0", "--rate",
                                                str(options.simulate_hz)], ready_text=None))
     return specs
+
+
+def writer_specs(n_writers: int, command: list[str]) -> list[ServiceSpec]:
+    """The h5 writer processes: ``h5-writer``, or ``h5-writer-<i>`` for each of several."""
+    if n_writers == 1:
+        return [ServiceSpec("h5-writer", command)]
+    return [ServiceSpec(f"h5-writer-{i}", [*command, "--writer-index", str(i)])
+            for i in range(n_writers)]
+
+
+def reads_config(spec: ServiceSpec) -> bool:
+    """The service reads the detector config: a deployed config restarts it."""
+    return spec.name in CONFIG_READERS or spec.name.startswith("h5-writer-")
 
 
 class AlreadyRunningError(RuntimeError):
@@ -170,8 +183,7 @@ class Launcher:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(raw, indent=2))
         temporary.replace(path)
-        specs = [spec for spec in service_specs(str(path), self.options)
-                 if spec.name in CONFIG_READERS]
+        specs = [spec for spec in service_specs(str(path), self.options) if reads_config(spec)]
         log.info("deploying a new config: restarting %s; buffers: %s",
                  ", ".join(spec.name for spec in specs), config.buffer_plan().describe())
         self.config = config

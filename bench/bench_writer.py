@@ -7,12 +7,19 @@ shared-memory view, metadata, SWMR flushes), raw and bitshuffle-lz4. The
 baseline writes the same image bytes with ``os.write`` to one file. Both end with fsync and
 close. Each figure is the median of ``--repeat`` interleaved trials; the last line of the
 output is one JSON object with every figure and ratio (target: raw writer >= 0.8 x plain).
+
+``--writers N``: a run spread over N writer processes (fastcore/writer_split.py), each an
+``H5Writer`` taking its blocks of the same images from the ImageBuffer into its own file,
+against one writer process writing all of them, alternated in the same run; it reports the
+aggregate throughput and its ratio to N x the one writer (the target, on a machine with
+enough cores and disk bandwidth, is >= 0.9).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -29,6 +36,7 @@ from fastcore.h5_writer import MAX_BATCH, H5Writer
 from fastcore.names import Segment
 from fastcore.simulator import simulated_pixels
 from fastcore.writer_protocol import RunInfo, RunSummary, StartCommand, WriterEvent
+from fastcore.writer_split import Split
 
 SIZES = {"1MiB": (512, 1024), "4MiB": (1024, 2048)}
 
@@ -83,6 +91,83 @@ def writer_write(writer: H5Writer, events: list[WriterEvent], metas, path: str,
     return elapsed, os.path.getsize(path)
 
 
+def _writer_process(config, path: str, n: int, split: Split | None, start, done) -> None:
+    """Child: wait for ``start``, write this writer's share of images 1..n from the
+    ImageBuffer (catch-up, as a writer that begins at an id does), fsync; report."""
+    events: list[WriterEvent] = []
+    writer = H5Writer(config, events.append, "none")
+    start.wait()
+    began = time.perf_counter()
+    writer.command(StartCommand(1, RunInfo(path, n), 60.0, 1, split=split).to_json())
+    while writer.run is not None:
+        writer.tick()
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    summaries = [event for event in events if isinstance(event, RunSummary)]
+    done.send((began, time.perf_counter(), summaries[-1].n_written if summaries else -1))
+    writer.close()
+
+
+def _spread_run(config, workdir: str, n: int, n_writers: int, fpb: int, tag: str) -> float:
+    """Seconds from the start until the last of ``n_writers`` processes has written and
+    fsynced its share of the n images (one process without a split when n_writers is 1)."""
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    pipes, children = [], []
+    for i in range(n_writers):
+        receive, send = ctx.Pipe(duplex=False)
+        split = Split(i, n_writers, fpb) if n_writers > 1 else None
+        path = os.path.join(workdir, f"{tag}_w{i}.h5")
+        child = ctx.Process(target=_writer_process, args=(config, path, n, split, start, send))
+        child.start()
+        pipes.append(receive)
+        children.append(child)
+    time.sleep(0.5)  # every child attached its ImageBuffer
+    start.set()
+    results = [pipe.recv() for pipe in pipes]
+    for child in children:
+        child.join(30)
+    assert sum(r[2] for r in results) == n, results
+    for i in range(n_writers):
+        os.unlink(os.path.join(workdir, f"{tag}_w{i}.h5"))
+    return max(r[1] for r in results) - min(r[0] for r in results)
+
+
+def writers_main(args: argparse.Namespace, workdir: str) -> dict:
+    """One writer process against ``args.writers`` of them, alternated; 1 MiB images."""
+    shape = SIZES["1MiB"]
+    image_bytes = shape[0] * shape[1] * 2
+    n = args.total_mib * 2**20 // image_bytes
+    name = f"bw{uuid.uuid4().hex[:8]}"
+    config = parse_config({
+        "detector_name": name, "detector_type": "jungfrau", "n_modules": 1, "bit_depth": 16,
+        "image_pixel_height": shape[0], "image_pixel_width": shape[1],
+        "start_udp_port": 50000, "writer_user_id": 0, "n_writers": args.writers,
+        "frames_per_block": args.frames_per_block,
+        "module_positions": {"0": [0, 0, 1023, 511]}})
+    times: dict[int, list[float]] = {1: [], args.writers: []}
+    with ImageBuffer.create(shm_name(name, Segment.IMAGE), n, shape, np.uint16) as images:
+        fill_buffer(images, n)
+        for trial in range(args.repeat + 1):  # trial 0: page cache, warm-up
+            for count in (1, args.writers):
+                seconds = _spread_run(config, workdir, n, count, args.frames_per_block,
+                                      f"t{trial}n{count}")
+                if trial:
+                    times[count].append(seconds)
+    one = n * image_bytes / statistics.median(times[1]) / 1e9
+    spread = n * image_bytes / statistics.median(times[args.writers]) / 1e9
+    ratio = spread / (args.writers * one)
+    print(f"{n} images x 1 MiB, median of {args.repeat}: one writer {one:.2f} GB/s, "
+          f"{args.writers} writers (blocks of {args.frames_per_block}) {spread:.2f} GB/s "
+          f"together = {ratio:.2f} x {args.writers} x one writer ({os.cpu_count()} cores)",
+          flush=True)
+    return {"images": n, "writers": args.writers, "frames_per_block": args.frames_per_block,
+            "one_writer_GBps": round(one, 3), "writers_GBps": round(spread, 3),
+            "speedup": round(spread / one, 3), "ratio_to_n_x_one": round(ratio, 3),
+            "cores": os.cpu_count()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=None, help="directory to write into "
@@ -91,10 +176,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="bytes per trial in MiB (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=5, help="trials per figure")
     parser.add_argument("--quick", action="store_true", help="128 MiB, 2 trials")
+    parser.add_argument("--writers", type=int, default=1,
+                        help="compare one writer process with this many sharing each run")
+    parser.add_argument("--frames-per-block", type=int, default=16,
+                        help="images per block with --writers (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.quick:
         args.total_mib, args.repeat = 128, 2
+    if args.writers < 1 or args.frames_per_block < 1:
+        parser.error("--writers and --frames-per-block: expected integers >= 1")
     workdir = tempfile.mkdtemp(prefix="stddaq-bench-writer-", dir=args.dir)
+    if args.writers > 1:
+        try:
+            print(json.dumps(writers_main(args, workdir)))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     figures: dict[str, float] = {}
     try:
         for label, shape in SIZES.items():

@@ -26,7 +26,7 @@ from services.broker.protocol import (
     ACTION_REQUEST_SUCCESS,
     BrokerError,
 )
-from services.progress import ProgressFollower
+from services.progress import ProgressFollower, WriteProgress
 from services.status import read_status, status_key
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class DaqClient:
     def __init__(self, writer_service: str, broker_host: str = "127.0.0.1",
                  redis_client: redis.Redis | None = None, broker_port: int = AMQP_PORT,
                  *, status_listener: Callable[[str | None, Any, dict], None] | None = None,
-                 progress_listener: Callable[[dict], None] | None = None):
+                 progress_listener: Callable[[WriteProgress], None] | None = None):
         """``status_listener(request_id, request, headers)`` and ``progress_listener``
         (progress dict) see every status and progress of the writer agent, whoever sent
         the request (a dashboard's view)."""
@@ -257,11 +257,13 @@ class DaqClient:
         if run is not None and headers.get("source") == self.writer_service:
             self._apply(run, headers.get("action"), headers.get("message"))
 
-    def _on_progress(self, progress: dict) -> None:
+    def _on_progress(self, message: dict) -> None:
+        progress = WriteProgress.from_dict(message)
+        if progress is None:
+            return
         if self.progress_listener is not None:
             self.progress_listener(progress)
         with self._lock:
-            run = self._runs.get(progress.get("request_id"))
-        rows = progress.get("n_rows")
-        if run is not None and isinstance(progress.get("n_written"), int):
-            run._set_written(progress["n_written"], rows if isinstance(rows, int) else None)
+            run = self._runs.get(progress.request_id)
+        if run is not None:
+            run._set_written(progress.n_written, progress.n_rows)

@@ -1,7 +1,6 @@
 """Live progress of a write request over Redis pub/sub, for clients on any machine.
 
-The writer agent publishes JSON ``{"request_id", "run_id", "output_file", "n_images",
-"n_rows", "n_written", "n_missing", "done"}`` on the channel
+The writer agent publishes a :class:`WriteProgress` as JSON on the channel
 ``stddaq.progress.<service_name>``: at most ``max_rate_hz`` (100) times per second while a run
 goes on, and always its final state. The IOC and the Ophyd device follow it to report
 NumCaptured and to finish ``trigger()`` statuses. Redis being down only loses progress
@@ -15,10 +14,53 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import redis
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteProgress:
+    """Where a write request stands: ``n_rows`` rows of ``output_file`` written so far
+    (``n_written`` with their image, ``n_missing`` zeros for images gone from the buffer)
+    of ``n_images`` asked for; ``done`` once the request's run ended."""
+
+    request_id: str
+    run_id: int
+    output_file: str
+    n_images: int
+    n_rows: int = 0
+    n_written: int = 0
+    n_missing: int = 0
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> WriteProgress | None:
+        """The progress a message carries; None for a message that is not one (another
+        publisher's, or of another version)."""
+        if not isinstance(raw, dict):
+            return None
+        values = {}
+        for f in fields(cls):
+            value = raw.get(f.name)
+            if value is None and f.name not in _REQUIRED:
+                continue  # the default
+            kind = _KINDS[f.name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                return None
+            values[f.name] = value
+        return cls(**values)
+
+
+_REQUIRED = ("request_id", "run_id", "output_file", "n_images")
+_KINDS = {"request_id": str, "run_id": int, "output_file": str, "n_images": int,
+          "n_rows": int, "n_written": int, "n_missing": int, "done": bool}
 
 
 def progress_channel(service_name: str) -> str:

@@ -34,6 +34,7 @@ from fastcore.writer_protocol import (
     WriterFailure,
 )
 from fastcore.writer_split import Split
+from services.progress import WriteProgress
 from services.requests import RequestError
 from services.writer_link import WriterError, WriterLink
 
@@ -142,9 +143,9 @@ class SingleRun:
                 f"{self.write.output_file} holds the images written")
 
     def _report(self, done: bool = False) -> None:
-        self.agent.progress({"request_id": self.request_id, "run_id": self.run_id,
-                             "output_file": self.write.output_file,
-                             "n_images": self.write.n_images, **self.progress, "done": done})
+        self.agent.progress(WriteProgress(self.request_id, self.run_id, self.write.output_file,
+                                          self.write.n_images, **self.progress,
+                                          done=done).to_dict())
 
 
 class SplitRun:
@@ -325,9 +326,9 @@ class SplitRun:
                 "images written")
 
     def _report(self, done: bool = False) -> None:
-        self.agent.progress({"request_id": self.request_id, "run_id": self.run_id,
-                             "output_file": self.write.output_file,
-                             "n_images": self.write.n_images, **self._rows(), "done": done})
+        self.agent.progress(WriteProgress(self.request_id, self.run_id, self.write.output_file,
+                                          self.write.n_images, **self._rows(),
+                                          done=done).to_dict())
 
 
 def merged_ranges(ranges: list[list[int]]) -> list[list[int]]:

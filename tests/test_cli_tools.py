@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from services.broker.protocol import request_queue_name
+from services.progress import WriteProgress
 from services.startup import StatusHeartbeat, redis_client
 from tests.conftest import REPO, free_tcp_port
 from tests.test_broker import Broker, unique, wait_until
@@ -74,9 +75,9 @@ class Handler:
             n = request["n_images"]
             for i in range(1, n + 1):
                 time.sleep(0.05)
-                self.redis.publish(f"stddaq.progress.{self.name}", json.dumps(
-                    {"request_id": request_id, "n_written": i, "n_images": n,
-                     "output_file": request.get("output_file"), "done": i == n}))
+                self.redis.publish(f"stddaq.progress.{self.name}", json.dumps(WriteProgress(
+                    request_id, 1, request["output_file"], n, n_rows=i, n_written=i,
+                    done=i == n).to_dict()))
         return {"n_images": request.get("n_images"), "output_file": request.get("output_file")}
 
     def on_kill(self, request_id: str) -> None:

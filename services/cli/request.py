@@ -55,7 +55,7 @@ from services.cli import (
     text_of,
     to_json,
 )
-from services.progress import ProgressFollower
+from services.progress import ProgressFollower, WriteProgress
 from services.startup import redis_client
 
 PROG = "stddaq-request"
@@ -347,19 +347,16 @@ class Printer:
                f"{self.out.paint(word.ljust(7), colour)}  {text_of(message)}".rstrip()
         self._line(text)
 
-    def progress(self, when: float, source: str, progress: dict) -> None:
+    def progress(self, when: float, source: str, progress: WriteProgress) -> None:
         if not self.enabled:
             return
-        written = progress.get("n_written")
-        total = progress.get("n_images")
-        text = f"written {written}/{total}" if total else f"written {written}"
-        if progress.get("n_missing"):
-            text += f", {progress['n_missing']} missing"
-        if progress.get("output_file"):
-            text += f"  {progress['output_file']}"
+        text = f"written {progress.n_written}/{progress.n_images}"
+        if progress.n_missing:
+            text += f", {progress.n_missing} missing"
+        text += f"  {progress.output_file}"
         line = f"{_clock(when)}  {self.out.paint(source, BOLD)}  " \
                f"{self.out.paint('progress', DIM)}  {text}"
-        done = bool(progress.get("done"))
+        done = progress.done
         if self.out.tty:  # one line updated in place; the final state stays
             self.out.write("\r\033[K" + line)
             if done:
@@ -478,9 +475,10 @@ def follow(session: Session, request_id: str, out: Out) -> int:
                     printer.status(when, source, action, headers.get("message"))
                     session.follow_progress(source)
             elif event is not None and event[0] == "progress":
-                _, when, source, progress = event
-                if progress.get("request_id") in (None, request_id):
-                    state.progress[source] = progress
+                _, when, source, message = event
+                progress = WriteProgress.from_dict(message)
+                if progress is not None and progress.request_id == request_id:
+                    state.progress[source] = message
                     printer.progress(when, source, progress)
             if event is not None and not session.events.empty():
                 continue  # print what arrived before deciding

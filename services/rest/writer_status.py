@@ -28,6 +28,7 @@ from services.broker.protocol import (
     ACTION_REQUEST_START,
     ACTION_REQUEST_SUCCESS,
 )
+from services.progress import WriteProgress
 
 READY, WRITING, UNKNOWN = "READY", "WRITING", "UNKNOWN"
 WAITING_IMAGES, ACQUIRING_IMAGES = "WAITING_IMAGES", "ACQUIRING_IMAGES"
@@ -114,17 +115,16 @@ class WriterStatus:
         if finished is not None:
             self.on_finished(finished)
 
-    def on_progress(self, progress: dict) -> None:
+    def on_progress(self, progress: WriteProgress) -> None:
         """A progress message of the writer agent (rows written so far)."""
         with self._lock:
             acquisition = self.acquisition
-            if acquisition is None or progress.get("request_id") != self.request_id \
+            if acquisition is None or progress.request_id != self.request_id \
                     or acquisition["state"] not in (WAITING_IMAGES, ACQUIRING_IMAGES):
                 return
-            rows = progress.get("n_rows")
-            if isinstance(rows, int) and rows > acquisition["stats"]["n_write_completed"]:
+            rows = progress.n_rows
+            if rows > acquisition["stats"]["n_write_completed"]:
                 self.rows_total += rows - acquisition["stats"]["n_write_completed"]
                 acquisition["stats"]["n_write_completed"] = rows
                 acquisition["state"] = ACQUIRING_IMAGES
-            if isinstance(progress.get("run_id"), int):
-                acquisition["info"]["run_id"] = progress["run_id"]
+            acquisition["info"]["run_id"] = progress.run_id

@@ -32,7 +32,8 @@ from fastcore.formats import (
 from fastcore.geometry import module_blocks, row_plan
 from fastcore.kernels import convert_rows, place_rows
 from fastcore.names import Segment, Stream
-from fastcore.process import add_common_arguments, ipc_address, run_service
+from fastcore.process import ipc_address
+from fastcore.runtime import add_common_arguments, announce_ready, run_service
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,8 @@ class Assembler:
         pub.setsockopt(zmq.SNDHWM, 100_000)
         pub.bind(self.image_address)
         last_log = time.monotonic()
-        log.info("ready: assembling %s %dx%d %s into %s", config.detector_name,
-                 *config.image_shape, config.image_dtype, self.image_buffer.name)
+        announce_ready("assembling %s %dx%d %s into %s", config.detector_name,
+                       *config.image_shape, config.image_dtype, self.image_buffer.name)
         try:
             while not stop.is_set():
                 if not pull.poll(100):

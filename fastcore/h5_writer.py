@@ -47,7 +47,8 @@ from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus, image_reco
 from fastcore.h5_recovery import RecoveryError, recover_file
 from fastcore.names import Segment, Stream, writer_stream
 from fastcore.output_file import OutputPathError, create_exclusive, fd_path, open_or_create
-from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
+from fastcore.process import ipc_address, subscribe
+from fastcore.runtime import add_common_arguments, announce_ready, run_service
 from fastcore.vds_master import MasterError, add_run, read_runs, relative_names, write_master
 from fastcore.writer_protocol import (
     COMMAND_TTL_S,
@@ -830,8 +831,8 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
     poller.register(images, zmq.POLLIN)
-    log.info("ready: writing %s images on request (compression %s%s)", name, compression,
-             f"; writer {index} of {n_writers}" if n_writers > 1 else "")
+    announce_ready("writing %s images on request (compression %s%s)", name, compression,
+                   f"; writer {index} of {n_writers}" if n_writers > 1 else "")
     try:
         while not stop.is_set():
             ready = dict(poller.poll(0 if writer.catching_up else 100))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fastcore.runtime import READY_PREFIX, ready_pattern
 
 
 class ChildProcess:
@@ -44,10 +45,12 @@ class ChildProcess:
             return log.read().decode(errors="replace")
 
     def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        """Wait until ``text`` appears in the output as a word of its own (at the start of a
-        line or after a blank: "ready:" is not found in "already:"); raise RuntimeError with
-        the log if the process exits first or the time runs out."""
-        pattern = re.compile(rf"(?:^|\s){re.escape(text)}", re.MULTILINE)
+        """Wait until ``text`` appears in the output: a ready text ("ready", "ready:",
+        "ready: std-daq"...) at the start of a line, where the runtime's ready line has it
+        ("already: ..." never counts), any other text as a word of its own (at the start of
+        a line or after a blank); raise RuntimeError with the log if the process exits first
+        or the time runs out."""
+        pattern = ready_pattern(text)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if pattern.search(self.output):
@@ -58,6 +61,10 @@ class ChildProcess:
             time.sleep(0.05)
         raise RuntimeError(f"{' '.join(self.args[1:4])}: no {text!r} within {timeout} s:\n"
                            f"{self.output}")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for the process's ``ready: ...`` line (fastcore.runtime.announce_ready)."""
+        self.wait_for(READY_PREFIX, timeout)
 
     def session_pids(self) -> list[int]:
         """Processes still alive in this child's session (its own children included)."""

@@ -22,7 +22,8 @@ from fastcore.buffers import ImageBuffer, SlotOverwrittenError, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import image_records
 from fastcore.names import Segment, Stream
-from fastcore.process import add_common_arguments, ipc_address, run_service
+from fastcore.process import ipc_address
+from fastcore.runtime import add_common_arguments, announce_ready, run_service
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def serve(config: DetectorConfig, ipc_dir: str, address: str, rate_hz: float,
     out = np.empty(images.shape, images.dtype)
     period, next_send, sent = 1.0 / rate_hz, time.monotonic(), 0
     pending = None  # newest ImageMetadata not yet previewed
-    log.info("ready: previewing %s on %s at <= %g Hz", config.detector_name, address, rate_hz)
+    announce_ready("previewing %s on %s at <= %g Hz", config.detector_name, address, rate_hz)
     try:
         while not stop.is_set():
             wait = next_send - time.monotonic() if pending is not None else 0.1

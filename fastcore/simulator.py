@@ -21,7 +21,7 @@ import numpy as np
 from fastcore.config import ConfigError, DetectorConfig, load_config
 from fastcore.detectors import ModuleFormat, detector_type
 from fastcore.detectors.simulated import daq_rec_of, pulse_id_of
-from fastcore.process import setup_logging
+from fastcore.runtime import add_log_level, setup_logging, stop_on_signals
 from fastcore.udp import MessageVector
 
 __all__ = ["DetectorSimulator", "Faults", "daq_rec_of", "encode_frame", "packet_headers",
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--silent-module", type=int, action="append", default=[],
                         help="never send this module (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the faults")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_level(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.frames < 0 or args.rate < 0 or args.start_frame < 0:
@@ -202,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     faults = Faults(args.drop_fraction, set(args.drop), args.reorder, args.duplicate_fraction,
                     set(args.silent_module), args.seed)
     simulator = DetectorSimulator(config, args.host, faults)
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: simulator.stop_event.set())
+    stop_on_signals(simulator.stop_event)
     began = time.monotonic()
     try:
         sent = simulator.run(args.frames, args.rate, args.start_frame)

@@ -20,7 +20,8 @@ from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import code_dtype, parse_image_message
 from fastcore.names import Segment, Stream
-from fastcore.process import add_common_arguments, ipc_address, run_service
+from fastcore.process import ipc_address
+from fastcore.runtime import add_common_arguments, announce_ready, run_service
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def receive(config: DetectorConfig, ipc_dir: str, address: str,
                                 config.n_image_slots, config.image_shape, config.image_dtype)
     expected_bytes = images.data_bytes
     stats, last_log = RecvStats(), time.monotonic()
-    log.info("ready: receiving images on %s into %s", address, images.name)
+    announce_ready("receiving images on %s into %s", address, images.name)
     try:
         while not stop.is_set():
             if pull.poll(100):

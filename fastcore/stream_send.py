@@ -21,7 +21,8 @@ from fastcore.buffers import ImageBuffer, shm_name
 from fastcore.config import DetectorConfig
 from fastcore.formats import image_message, image_records
 from fastcore.names import Segment, Stream
-from fastcore.process import add_common_arguments, ipc_address, run_service, subscribe
+from fastcore.process import ipc_address, subscribe
+from fastcore.runtime import add_common_arguments, announce_ready, run_service
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def send(config: DetectorConfig, ipc_dir: str, address: str, stop: threading.Eve
     push.connect(address)
     images = ImageBuffer.attach(shm_name(config.detector_name, Segment.IMAGE))
     stats, last_log = SendStats(), time.monotonic()
-    log.info("ready: sending %s images to %s", config.detector_name, address)
+    announce_ready("sending %s images to %s", config.detector_name, address)
     try:
         while not stop.is_set():
             if sub.poll(100):

@@ -24,7 +24,8 @@ import zmq
 from fastcore.config import DetectorConfig
 from fastcore.formats import MODULE_FRAME, RAW_METADATA, ImageStatus
 from fastcore.names import Stream
-from fastcore.process import add_common_arguments, ipc_address, run_service
+from fastcore.process import ipc_address
+from fastcore.runtime import add_common_arguments, announce_ready, run_service
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def run(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     push.setsockopt(zmq.SNDHWM, 0)
     push.setsockopt(zmq.LINGER, 2000)
     push.connect(ipc_address(ipc_dir, config.detector_name, Stream.RAW))
-    log.info("ready: syncing %d modules of %s", config.n_modules, config.detector_name)
+    announce_ready("syncing %d modules of %s", config.n_modules, config.detector_name)
     last_log = time.monotonic()
     try:
         while not stop.is_set():

@@ -39,7 +39,13 @@ from fastcore.detectors import ModuleFormat
 from fastcore.formats import INVALID_ID
 from fastcore.geometry import module_origin
 from fastcore.names import Segment, Stream
-from fastcore.process import add_common_arguments, ipc_address, run_service
+from fastcore.process import ipc_address
+from fastcore.runtime import (
+    add_common_arguments,
+    announce_ready,
+    run_service,
+    stop_on_signals,
+)
 from fastcore.udp import MSG_TRUNC, MessageVector, open_receive_socket
 
 log = logging.getLogger(__name__)
@@ -509,8 +515,7 @@ class ModuleReceiver:
 def _run_module(receiver: ModuleReceiver, sock: socket.socket) -> None:
     """Child process body: receive until SIGTERM (sent also when the parent dies)."""
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: receiver.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: receiver.stop_event.set())
+    stop_on_signals(receiver.stop_event)
     receiver.run(sock)
 
 
@@ -531,7 +536,7 @@ def serve(config: DetectorConfig, modules: list[int], stop: threading.Event,
             child.start()
         for sock in sockets:
             sock.close()
-        log.info("ready: receiving modules %s of %s", modules, config.detector_name)
+        announce_ready("receiving modules %s of %s", modules, config.detector_name)
         while not stop.wait(0.2):
             dead = [c for c in children if not c.is_alive()]
             if dead:

@@ -9,8 +9,8 @@ import redis
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
+from fastcore.status import read_status
 from ioc.common import write_if_changed
-from services.status import read_status
 
 EPB_STATES = ["Disconnected", "Running", "Error"]
 

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import errno
 import logging
-import os
 import signal
 import socket
 import sys
@@ -23,13 +22,21 @@ import redis
 from caproto.server import PVGroup, SubGroup, run, template_arg_parser
 
 from fastcore.config import ConfigError, load_config
-from fastcore.process import DEFAULT_IPC_DIR
+from fastcore.runtime import (
+    add_broker_arguments,
+    add_ipc_dir,
+    add_redis_arguments,
+    announce_ready,
+    broker_address,
+    handle_signals,
+    redis_client,
+    setup_logging,
+)
 from ioc.access import AccessRules
 from ioc.buffer import BufferGroup
 from ioc.epics_buffer import EpicsBufferGroup
 from ioc.writer import WriterGroup
 from services.daq_client import DaqClient
-from services.startup import redis_client
 
 DESC_MAX = 40  # characters of an EPICS record's DESC field
 
@@ -101,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="service name of the writer agent (default: <detector>.writer)")
     parser.add_argument("--epics-buffer-service", default=None,
                         help="service name of the Epics buffer (default: none)")
-    parser.add_argument("--broker-host", default=os.environ.get("BROKER_HOST", "127.0.0.1"))
-    parser.add_argument("--broker-port", type=int, default=5672)
-    parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
-    parser.add_argument("--redis-port", type=int, default=6379)
-    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    add_broker_arguments(parser)
+    parser.add_argument("--broker-port", type=int, default=None,
+                        help="RabbitMQ port, when --broker-url does not name one")
+    add_redis_arguments(parser)
+    add_ipc_dir(parser)
     parser.add_argument("--write-hosts", type=_names, default=None, metavar="HOST,...",
                         help="only these client hosts may write PVs (as the clients name "
                         "themselves; default: any host); everyone may read")
@@ -113,19 +120,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these client users may write PVs (default: any user)")
     args = parser.parse_args(argv)
     ioc_options, run_options = split_args(args)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(asctime)s %(name)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    setup_logging(logging.INFO)
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        broker_host, broker_port = broker_address(args)
+    except (ConfigError, ValueError) as exc:
         print(f"stddaq-ioc: error: {exc}", file=sys.stderr)
         return 1
     settings = IocSettings(
         detector_name=config.detector_name, ipc_dir=args.ipc_dir,
         writer_service=args.writer_service or f"{config.detector_name}.writer",
-        epics_buffer_service=args.epics_buffer_service, broker_host=args.broker_host,
-        broker_port=args.broker_port,
+        epics_buffer_service=args.epics_buffer_service, broker_host=broker_host,
+        broker_port=args.broker_port or broker_port,
         redis_host=args.redis_host, redis_port=args.redis_port)
     port = int(caproto.get_environment_variables()["EPICS_CA_SERVER_PORT"])
     taken = taken_ca_port(run_options.get("interfaces") or ["0.0.0.0"], port)
@@ -140,15 +146,14 @@ def main(argv: list[str] | None = None) -> int:
 
     async def announce(async_lib) -> None:
         await publish_record_fields(ioc.pvdb)
-        logging.getLogger(__name__).info("ready: %d PVs with prefix %s on %s; %s",
-                                         len(ioc.pvdb), ioc_options["prefix"],
-                                         ", ".join(run_options.get("interfaces") or
-                                                   ["all interfaces"]), rules.describe())
+        announce_ready("%d PVs with prefix %s on %s; %s", len(ioc.pvdb), ioc_options["prefix"],
+                       ", ".join(run_options.get("interfaces") or ["all interfaces"]),
+                       rules.describe())
 
     def terminate(*_) -> None:
         raise KeyboardInterrupt  # caproto shuts down cleanly (shutdown hooks) on it
 
-    signal.signal(signal.SIGTERM, terminate)
+    handle_signals(terminate, (signal.SIGTERM,))
     try:
         with contextlib.suppress(KeyboardInterrupt):
             run(ioc.pvdb, startup_hook=announce, **run_options)

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from fastcore.status import read_status, status_key
 from services.broker.address import AMQP_PORT, parse_broker_url
 from services.broker.client import BrokerClient
 from services.broker.protocol import (
@@ -27,7 +28,6 @@ from services.broker.protocol import (
     BrokerError,
 )
 from services.progress import ProgressFollower, WriteProgress
-from services.status import read_status, status_key
 
 log = logging.getLogger(__name__)
 

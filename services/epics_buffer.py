@@ -29,6 +29,15 @@ from typing import Any
 
 import redis
 
+from fastcore.runtime import (
+    SetupError,
+    StatusHeartbeat,
+    announce_ready,
+    handle_signals,
+    redis_client,
+    service_setup,
+    stop_on_signals,
+)
 from services.epics_common import (
     PULSE_ID_STREAM_MAXLEN,
     PV_STREAM_MAXLEN,
@@ -39,7 +48,6 @@ from services.epics_common import (
     encode_value,
     stream_prefix,
 )
-from services.startup import SetupError, StatusHeartbeat, redis_client, service_setup
 
 log = logging.getLogger("EpicsBuffer")
 
@@ -479,22 +487,15 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat = StatusHeartbeat(service_name, config,
                                     redis_client(args.redis_host, args.redis_port),
                                     buffer.counters).start()
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     # libca forks a child to start caRepeater and never reaps it; this process has no
     # other children, so let the kernel reap them (no zombie left behind).
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    handle_signals(signal.SIG_IGN, (signal.SIGCHLD,))
     buffer.start()
     if heartbeat is not None:
         heartbeat.set_state("running")
-    log.info("ready: %s buffering %d PVs into Redis %s:%d", service_name,
-             len(settings.pv_list), args.redis_host, args.redis_port)
+    announce_ready("%s buffering %d PVs into Redis %s:%d", service_name,
+                   len(settings.pv_list), args.redis_host, args.redis_port)
     started = time.monotonic()
     warned = False
     while not stop.wait(1.0):

@@ -43,9 +43,10 @@ import h5py
 import numpy as np
 import redis
 
+from fastcore.runtime import SetupError, redis_client, service_setup
 from services.epics_common import STRING_TYPE, EpicsConfigError, Point, StreamKeys, stream_prefix
 from services.requests import RequestError, output_path
-from services.startup import SetupError, redis_client, serve_primary, service_setup
+from services.startup import serve_primary
 
 log = logging.getLogger("EpicsWriter")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcore.launch import ChildProcess
+from fastcore.runtime import READY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 class ServiceSpec:
     name: str
     args: list[str]
-    ready_text: str | None = "ready:"
+    ready_text: str | None = READY_PREFIX  # matched at a line start (fastcore.runtime)
     restart: bool = True
     ready_timeout: float = 60.0
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastcore.config import ConfigError, DetectorConfig, parse_config
-from fastcore.process import DEFAULT_IPC_DIR
+from fastcore.runtime import SetupError, add_ipc_dir, redis_client, service_setup
 from fastcore.writer_protocol import (
     COMPRESSIONS,
     MAX_ID,
@@ -41,7 +41,7 @@ from fastcore.writer_protocol import (
 from services.cli import seconds
 from services.progress import ProgressPublisher
 from services.requests import RequestError, output_path
-from services.startup import SetupError, redis_client, serve_primary, service_setup
+from services.startup import serve_primary
 from services.writer_link import BusyError, WriterLink
 from services.writer_runs import SingleRun, SplitRun
 
@@ -212,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="stddaq-writer-agent",
         description="Serve write requests for one detector: forward the requested images to "
         "stddaq-h5-writer and report start/success/fail on the broker. The service config "
-        "(--json_config_file or Redis config.<service_name>) is the detector config.")
+        "(--json-config-file or Redis config.<service_name>) is the detector config.")
     parser.add_argument("--tag", default=None,
                         help="routing key of the requests to serve (default: the service name)")
-    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    add_ipc_dir(parser)
     parser.add_argument("--image-timeout", type=seconds, default=60.0,
                         help="end a run as failed when no image arrives for this long (s); "
                         "a request's image_timeout field overrides it (default 60)")

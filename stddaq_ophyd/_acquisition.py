@@ -22,8 +22,8 @@ import numpy as np
 from event_model import compose_stream_resource
 
 from fastcore.config import DetectorConfig
+from fastcore.status import redis_client
 from services.daq_client import DaqClient, StdDaqError, WriteRun
-from services.startup import redis_client
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import redis
 
+from fastcore.status import StatusHeartbeat, redis_client
 from services.broker.protocol import request_queue_name
 from services.progress import WriteProgress
-from services.startup import StatusHeartbeat, redis_client
 from tests.conftest import REPO, free_tcp_port
 from tests.test_broker import Broker, unique, wait_until
 

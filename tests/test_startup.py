@@ -11,15 +11,9 @@ import uuid
 import pytest
 import redis
 
+from fastcore.runtime import SetupError, service_setup
+from fastcore.status import STATUS_TTL_S, ServiceStatus, StatusHeartbeat, redis_client
 from services.daq_client import DaqClient
-from services.startup import (
-    STATUS_TTL_S,
-    SetupError,
-    StatusHeartbeat,
-    redis_client,
-    service_setup,
-)
-from services.status import ServiceStatus
 from tests.netproxy import TcpProxy
 
 
@@ -119,7 +113,7 @@ def test_redis_outage_is_survived_and_reported_when_back(rds, caplog):
     keys.append(f"status.{name}")
     with TcpProxy(("127.0.0.1", 6379)) as proxy:
         heartbeat = StatusHeartbeat(name, {}, redis_client("127.0.0.1", proxy.port))
-        with caplog.at_level(logging.INFO, logger="services.startup"):
+        with caplog.at_level(logging.INFO, logger="fastcore.status"):
             assert heartbeat.beat()
             proxy.down()
             assert not heartbeat.beat()

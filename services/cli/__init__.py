@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from fastcore.runtime import handle_signals, setup_logging
 from services.broker import BrokerClient
 
 EXIT_OK = 0
@@ -94,10 +95,7 @@ def note(prog: str, message: str) -> None:
 def quiet_logging(verbose: bool) -> None:
     """Library warnings (reconnect attempts...) would garble the output: the tools report
     problems themselves; ``--verbose`` shows the libraries' INFO logs."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL,
-                        format="%(levelname)s %(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr, force=True)
-    logging.getLogger("pika").setLevel(logging.WARNING if verbose else logging.CRITICAL)
+    setup_logging(logging.INFO if verbose else logging.CRITICAL)
 
 
 def connect_broker(prog: str, host: str, port: int, connect_timeout: float,
@@ -124,7 +122,7 @@ def connect_broker(prog: str, host: str, port: int, connect_timeout: float,
             except TimeoutError as exc:
                 # wait_ready names the last connection error when there was one
                 if "last error" in str(exc) or time.monotonic() - start >= connect_timeout:
-                    raise CliError(f"{exc}; is RabbitMQ running there? (--broker_url or "
+                    raise CliError(f"{exc}; is RabbitMQ running there? (--broker-url or "
                                    "env BROKER_HOST)", EXIT_UNREACHABLE) from None
     except BaseException:
         client.close()
@@ -216,5 +214,4 @@ def to_json(value: Any, indent: int | None = 2) -> str:
 
 def second_interrupt_exits() -> None:
     """While cleaning up after Ctrl-C, a second Ctrl-C leaves at once."""
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+    handle_signals(lambda *_: os._exit(EXIT_INTERRUPTED), (signal.SIGINT,))

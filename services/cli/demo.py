@@ -28,6 +28,7 @@ from bluesky import plans as bp
 from fastcore.buffer_sizing import MIN_SLOTS
 from fastcore.config import ConfigError, load_config
 from fastcore.demo import simulated_image
+from fastcore.runtime import setup_logging
 from services.cli.run import Launcher, LaunchOptions
 from stddaq_ophyd import StdDaqDetector
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1 or args.rate <= 0 or args.check_every < 1:
         parser.error("--images and --check-every must be >= 1 and --rate > 0")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    setup_logging(logging.WARNING)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -2,14 +2,13 @@
 
 Raw mode prints one line per status as the original ``std_daq_monitor``; ``--agg`` one
 line per change of a request; ``--services`` adds the table of the ``status.<service>``
-heartbeats kept in Redis by every running service (services.startup.StatusHeartbeat).
+heartbeats kept in Redis by every running service (fastcore.status.StatusHeartbeat).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import queue
 import shutil
 import signal
@@ -22,13 +21,20 @@ from typing import Any
 
 import redis
 
+from fastcore.runtime import (
+    add_broker_arguments,
+    add_redis_arguments,
+    broker_address,
+    handle_signals,
+    redis_client,
+)
+from fastcore.status import HEARTBEAT_S, STATUS_PREFIX, ServiceStatus
 from services.broker import (
     ACTION_REQUEST_FAIL,
     ACTION_REQUEST_START,
     ACTION_REQUEST_SUCCESS,
     StatusAggregator,
 )
-from services.broker.address import parse_broker_url
 from services.cli import (
     BG_GREEN,
     BG_RED,
@@ -56,8 +62,6 @@ from services.cli import (
     text_of,
     to_json,
 )
-from services.startup import HEARTBEAT_S, redis_client
-from services.status import STATUS_PREFIX, ServiceStatus
 
 PROG = "stddaq-monitor"
 STALE_S = 3 * HEARTBEAT_S  # a heartbeat older than this is shown as stale
@@ -97,15 +101,8 @@ environment: BROKER_HOST, REDIS_HOST, REDIS_PORT (defaults of the options), NO_C
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
-    parser.add_argument("--broker_url", "--broker-url", metavar="HOST[:PORT]",
-                        default=os.environ.get("BROKER_HOST", "127.0.0.1"),
-                        help="RabbitMQ host (env BROKER_HOST, default 127.0.0.1)")
-    parser.add_argument("--redis_host", "--redis-host", metavar="HOST",
-                        default=os.environ.get("REDIS_HOST", "127.0.0.1"),
-                        help="Redis host for --services (env REDIS_HOST, default 127.0.0.1)")
-    parser.add_argument("--redis_port", "--redis-port", metavar="PORT", type=int,
-                        default=int(os.environ.get("REDIS_PORT", "6379")),
-                        help="Redis port (env REDIS_PORT, default 6379)")
+    add_broker_arguments(parser)
+    add_redis_arguments(parser)  # Redis: the heartbeats of --services and --once
     parser.add_argument("--agg", action="store_true",
                         help="one line per request change instead of one per status")
     parser.add_argument("--services", action="store_true",
@@ -368,9 +365,9 @@ class Monitor:
     def run(self) -> int:
         args = self.args
         try:
-            host, port = parse_broker_url(args.broker_url)
+            host, port = broker_address(args)
         except ValueError as exc:
-            raise CliError(f"--broker_url: {exc}", EXIT_USAGE) from None
+            raise CliError(str(exc), EXIT_USAGE) from None
         if args.services:
             self.redis = redis_client(args.redis_host, args.redis_port)
         client = connect_broker(PROG, host, port, args.connect_timeout, self._on_status)
@@ -400,7 +397,7 @@ class Monitor:
             return EXIT_OK
         finally:
             with contextlib.suppress(Exception):
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                handle_signals(signal.SIG_DFL, (signal.SIGTERM,))
             client.close()
             if self.redis is not None:
                 self.redis.close()
@@ -420,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.once:
             return once(args, out)
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        handle_signals(_on_sigterm, (signal.SIGTERM,))
         return Monitor(args, out).run()
     except CliError as exc:
         fail(PROG, str(exc))

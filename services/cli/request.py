@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import redis
 
+from fastcore.runtime import add_broker_arguments, add_redis_arguments, broker_address
+from fastcore.status import redis_client
 from services.broker import (
     ACTION_REQUEST_FAIL,
     ACTION_REQUEST_START,
@@ -27,7 +28,6 @@ from services.broker import (
     BrokerClient,
     BrokerError,
 )
-from services.broker.address import parse_broker_url
 from services.cli import (
     BOLD,
     DIM,
@@ -56,7 +56,6 @@ from services.cli import (
     to_json,
 )
 from services.progress import ProgressFollower, WriteProgress
-from services.startup import redis_client
 
 PROG = "stddaq-request"
 SETTLE_S = 0.5  # without --services: quiet time after the last final status
@@ -105,7 +104,7 @@ exit codes:
        says what is missing
   130  interrupted (Ctrl-C); the request keeps running: stop it with --kill
 
-environment: BROKER_HOST (default for --broker_url), REDIS_HOST, REDIS_PORT, NO_COLOR.
+environment: BROKER_HOST (default for --broker-url), REDIS_HOST, REDIS_PORT, NO_COLOR.
 """
 
 
@@ -119,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append",
                         default=[], help="set a request field (repeatable; VALUE as JSON "
                         "when it parses, else text; dotted KEY for nested fields)")
-    parser.add_argument("--broker_url", "--broker-url", metavar="HOST[:PORT]",
-                        default=os.environ.get("BROKER_HOST", "127.0.0.1"),
-                        help="RabbitMQ host (env BROKER_HOST, default 127.0.0.1, port "
-                        "5672)")
+    add_broker_arguments(parser)
     parser.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                         help="follow the request until it ended (default); --no-wait "
                         "prints the request id once RabbitMQ confirmed it, and exits")
@@ -146,13 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document (request id, outcome, statuses per "
                         "service, last progress) instead of the live lines")
-    parser.add_argument("--redis_host", "--redis-host", metavar="HOST",
-                        default=os.environ.get("REDIS_HOST", "127.0.0.1"),
-                        help="Redis for the write progress (env REDIS_HOST, default "
-                        "127.0.0.1)")
-    parser.add_argument("--redis_port", "--redis-port", metavar="PORT", type=int,
-                        default=int(os.environ.get("REDIS_PORT", "6379")),
-                        help=argparse.SUPPRESS)
+    add_redis_arguments(parser)  # Redis: the write progress
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="do not follow the write progress on Redis")
     parser.add_argument("--connect_timeout", "--connect-timeout", metavar="S",
@@ -400,9 +390,9 @@ class Session:
 
     def connect(self) -> None:
         try:
-            host, port = parse_broker_url(self.args.broker_url)
+            host, port = broker_address(self.args)
         except ValueError as exc:
-            raise CliError(f"--broker_url: {exc}", EXIT_USAGE) from None
+            raise CliError(str(exc), EXIT_USAGE) from None
         with_statuses = self.args.wait or self.args.kill
         if with_statuses and self.args.progress:
             self.redis = redis_client(self.args.redis_host, self.args.redis_port)

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -28,8 +27,19 @@ from fastcore.buffer_sizing import BUFFER_SECONDS
 from fastcore.buffers import segment_alive, shm_dir, shm_name, shm_prefix
 from fastcore.config import ConfigError, load_config, parse_config, read_config_json
 from fastcore.names import Segment
-from fastcore.process import DEFAULT_IPC_DIR
-from services.broker.address import parse_broker_url
+from fastcore.runtime import (
+    DEFAULT_IPC_DIR,
+    add_broker_arguments,
+    add_ipc_dir,
+    add_log_level,
+    add_redis_arguments,
+    announce_ready,
+    broker_address,
+    redis_client,
+    setup_logging,
+    spelling,
+    stop_on_signals,
+)
 from services.deployment import (
     DEPLOYING,
     DONE,
@@ -39,7 +49,6 @@ from services.deployment import (
     publish_config,
     report,
 )
-from services.startup import redis_client
 from services.supervisor import ServiceSpec, Supervisor
 
 log = logging.getLogger("stddaq-run")
@@ -56,7 +65,7 @@ class LaunchOptions:
     ioc_prefix: str | None = None
     ioc_port: int | None = None
     epics_config: str | None = None
-    broker_host: str = "127.0.0.1"
+    broker_url: str = "127.0.0.1"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     rest_port: int | None = None
@@ -68,36 +77,32 @@ def service_specs(config_path: str, options: LaunchOptions) -> list[ServiceSpec]
     name = config.detector_name
     py = [sys.executable, "-m"]
     common = ["--ipc-dir", options.ipc_dir]
-    service = ["--broker_url", options.broker_host, "--redis_host", options.redis_host,
-               "--redis_port", str(options.redis_port)]
+    broker_redis = ["--broker-url", options.broker_url, "--redis-host", options.redis_host,
+                    "--redis-port", str(options.redis_port)]
     specs = [
         ServiceSpec("udp-recv", [*py, "fastcore.udp_recv", config_path, *common]),
         ServiceSpec("sync", [*py, "fastcore.sync", config_path, *common]),
         ServiceSpec("assembler", [*py, "fastcore.assembler", config_path, *common]),
         *writer_specs(config.n_writers, [*py, "fastcore.h5_writer", config_path, *common]),
-        ServiceSpec("writer-agent", [*py, "services.writer_agent", "--service_name",
-                                     f"{name}.writer", "--json_config_file", config_path,
-                                     *common, *service]),
+        ServiceSpec("writer-agent", [*py, "services.writer_agent", "--service-name",
+                                     f"{name}.writer", "--json-config-file", config_path,
+                                     *common, *broker_redis]),
     ]
     if options.epics_config:
         for kind in ("epics_buffer", "epics_writer"):
             specs.append(ServiceSpec(kind.replace("_", "-"), [
-                *py, f"services.{kind}", "--service_name", f"{name}.{kind}",
-                "--json_config_file", options.epics_config, *service]))
+                *py, f"services.{kind}", "--service-name", f"{name}.{kind}",
+                "--json-config-file", options.epics_config, *broker_redis]))
     if options.ioc_prefix:
         ioc = [*py, "ioc.server", config_path, "--prefix", options.ioc_prefix,
-               "--writer-service", f"{name}.writer", "--broker-host", options.broker_host,
-               "--redis-host", options.redis_host, "--redis-port", str(options.redis_port),
-               *common]
+               "--writer-service", f"{name}.writer", *broker_redis, *common]
         if options.epics_config:
             ioc += ["--epics-buffer-service", f"{name}.epics_buffer"]
         specs.append(ServiceSpec("ioc", ioc))
     if options.rest_port:
         specs.append(ServiceSpec("rest", [
             *py, "services.rest.server", config_path, "--port", str(options.rest_port),
-            "--writer-service", f"{name}.writer", "--broker-host", options.broker_host,
-            "--redis-host", options.redis_host, "--redis-port", str(options.redis_port),
-            *common]))
+            "--writer-service", f"{name}.writer", *broker_redis, *common]))
     if options.simulate_hz:
         specs.append(ServiceSpec("simulator", [*py, "fastcore.simulator", config_path,
                                                "--frames", "0", "--rate",
@@ -259,23 +264,22 @@ def main(argv: list[str] | None = None) -> int:
                         "127.0.0.1:PORT (the original's is 5000)")
     parser.add_argument("--epics-config", default=None,
                         help="Epics buffer/writer config JSON (pv_list, pulse_id_pv, ...)")
-    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    add_ipc_dir(parser)
     parser.add_argument("--log-dir", default=None,
                         help="directory of the service logs (default: a new temporary one)")
-    parser.add_argument("--broker-host", default=os.environ.get("BROKER_HOST", "127.0.0.1"))
-    parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
-    parser.add_argument("--redis-port", type=int, default=6379)
+    add_broker_arguments(parser)
+    add_redis_arguments(parser)
+    add_log_level(parser)
     args = parser.parse_args(argv)
     try:
-        broker = parse_broker_url(args.broker_host)
+        broker = broker_address(args)
     except ValueError as exc:
-        parser.error(f"--broker-host: {exc} (expected host or host:port)")
+        parser.error(str(exc))
     if args.simulate is not None and args.simulate <= 0:
         parser.error(f"--simulate: expected a frame rate > 0, got {args.simulate}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s "
-                        "%(message)s")
+    setup_logging(args.log_level)
     options = LaunchOptions(args.ipc_dir, args.log_dir, args.simulate, args.ioc_prefix,
-                            args.ioc_port, args.epics_config, args.broker_host,
+                            args.ioc_port, args.epics_config, args.broker_url,
                             args.redis_host, args.redis_port, args.rest_port)
     try:
         launcher = Launcher(args.config, options)
@@ -286,12 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         socket.create_connection(broker, timeout=BROKER_CHECK_S).close()
     except OSError as exc:
         print(f"stddaq-run: error: RabbitMQ at {broker[0]}:{broker[1]} does not answer "
-              f"({exc.strerror or exc}): start it, or name it with --broker-host HOST[:PORT]",
+              f"({exc.strerror or exc}): start it, or name it with "
+              f"{spelling(args, 'broker_url')} HOST[:PORT]",
               file=sys.stderr)
         return 1
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     try:
         launcher.start()
     except AlreadyRunningError as exc:
@@ -307,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("configs deployed through the REST interface will not be applied: %s",
                     exc)
         deployments = None
-    log.info("ready: std-daq for %s running; logs in %s; Ctrl-C stops it",
-             launcher.config.detector_name, launcher.log_dir)
+    announce_ready("std-daq for %s running; logs in %s; Ctrl-C stops it",
+                   launcher.config.detector_name, launcher.log_dir)
     try:
         launcher.supervise(stop, deployments)
     finally:

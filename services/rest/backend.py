@@ -15,6 +15,7 @@ import numpy as np
 import redis
 
 from fastcore.config import ConfigError, DetectorConfig, parse_config
+from fastcore.status import STATUS_PREFIX, ServiceStatus, redis_client
 from services.daq_client import DaqClient, StdDaqError
 from services.deployment import (
     deployment_status,
@@ -27,8 +28,6 @@ from services.requests import RequestError
 from services.rest.live import LiveImage
 from services.rest.simulation import Simulation
 from services.rest.writer_status import WriterStatus
-from services.startup import redis_client
-from services.status import STATUS_PREFIX, ServiceStatus
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A front end like the IOC and the Ophyd devices: writes go to the writer agent over
 RabbitMQ, progress and statuses come back over Redis and the broker. It binds 127.0.0.1
-unless told otherwise; the ``ready:`` line is logged once the socket listens.
+unless told otherwise; the ``ready:`` line is written once the socket listens.
 """
 
 from __future__ import annotations
@@ -12,14 +12,22 @@ import contextlib
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import sys
 
 import uvicorn
 
 from fastcore.config import ConfigError, parse_config, read_config_json
-from fastcore.process import DEFAULT_IPC_DIR
+from fastcore.runtime import (
+    add_broker_arguments,
+    add_ipc_dir,
+    add_log_level,
+    add_redis_arguments,
+    announce_ready,
+    broker_address,
+    handle_signals,
+    setup_logging,
+)
 from services.rest.app import create_app
 from services.rest.backend import RestBackend
 
@@ -78,15 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                         "binding an address other than loopback")
     parser.add_argument("--writer-service", default=None,
                         help="service name of the writer agent (default: <detector>.writer)")
-    parser.add_argument("--broker-host", default=os.environ.get("BROKER_HOST", "127.0.0.1"))
-    parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
-    parser.add_argument("--redis-port", type=int, default=6379)
-    parser.add_argument("--ipc-dir", default=DEFAULT_IPC_DIR)
+    add_broker_arguments(parser)
+    add_redis_arguments(parser)
+    add_ipc_dir(parser)
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(asctime)s %(name)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    setup_logging(args.log_level)
     try:
+        broker_address(args)  # a bad address is an error now, not at the first request
         api_key = read_api_key(args.api_key_file)
         if not api_key and not is_loopback(args.host):
             raise ValueError(f"--host {args.host} is reachable from other machines: give an "
@@ -100,21 +107,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     backend = RestBackend(config, raw_config,
                           args.writer_service or f"{config.detector_name}.writer",
-                          args.broker_host, args.redis_host, args.redis_port, args.ipc_dir)
+                          args.broker_url, args.redis_host, args.redis_port, args.ipc_dir)
     backend.start()
     app = create_app(backend, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        log.info("ready: REST admin interface of %s on http://%s:%d (writer agent %s; %s)",
-                 config.detector_name, args.host, args.port, backend.writer_service,
-                 "changes need the API key" if api_key else "no API key")
+        announce_ready("REST admin interface of %s on http://%s:%d (writer agent %s; %s)",
+                       config.detector_name, args.host, args.port, backend.writer_service,
+                       "changes need the API key" if api_key else "no API key")
         yield
 
     app.router.lifespan_context = lifespan
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn shuts down on them, then passes
-        signal.signal(sig, lambda *_: None)     # them on: to these, so the exit is clean
+    # uvicorn shuts down on SIGTERM/SIGINT, then passes them on: to these, so the exit is clean
+    handle_signals(lambda *_: None)
     try:
         server.run(sockets=[sock])
     finally:

@@ -4,6 +4,7 @@ no change to fastcore: the operator names its module in $STDDAQ_DETECTOR_MODULES
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import threading
@@ -13,11 +14,11 @@ import h5py
 import numpy as np
 import pytest
 
+from fastcore import detectors
 from fastcore.config import ConfigError, load_config, parse_config
-from fastcore.detectors import PLUGINS_ENV, detector_type, detector_type_names
+from fastcore.detectors import PLUGINS_ENV, detector_type, detector_type_names, register
 from fastcore.simulator import DetectorSimulator
 from services.writer_agent import WriterAgent
-from tests import toy_detector
 from tests.conftest import Proc, module_cmd
 from tests.pipeline import Pipeline, expected_image
 
@@ -30,12 +31,17 @@ TOY = {
 
 
 @pytest.fixture
-def toy_env(monkeypatch):
-    """The toy type's module named for every child process, as an operator would."""
+def toy_detector(monkeypatch):
+    """The toy type: its module named for every child process, as an operator would, and
+    registered in this process for the test only (other tests see the built-in types)."""
     monkeypatch.setenv(PLUGINS_ENV, "tests.toy_detector")
+    module = importlib.import_module("tests.toy_detector")
+    register(module.ToyCam())
+    yield module
+    detectors._TYPES.pop(module.ToyCam.name, None)
 
 
-def test_the_toy_type_is_known_and_validated_like_a_built_in():
+def test_the_toy_type_is_known_and_validated_like_a_built_in(toy_detector):
     assert "toycam" in detector_type_names()
     assert isinstance(detector_type("toycam"), toy_detector.ToyCam)
     with pytest.raises(ConfigError) as error:
@@ -45,7 +51,7 @@ def test_the_toy_type_is_known_and_validated_like_a_built_in():
     assert "bit_depth: expected one of (8,) for toycam, got 16" in message
 
 
-def test_a_bad_module_position_names_the_toy_sizes():
+def test_a_bad_module_position_names_the_toy_sizes(toy_detector):
     with pytest.raises(ConfigError) as error:
         parse_config({**TOY, "detector_name": "t", "start_udp_port": 50000,
                       "module_positions": {"0": [0, 0, 10, 10], "1": [0, 66, 95, 129]}})
@@ -65,7 +71,7 @@ def test_a_detector_module_that_cannot_be_imported_is_named(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_toy_detector_end_to_end_pixel_exact(toy_env, make_config, ipc_dir, tmp_path):
+def test_toy_detector_end_to_end_pixel_exact(toy_detector, make_config, ipc_dir, tmp_path):
     """simulator -> udp-recv -> sync -> assembler -> h5 writer for the toy type: every image
     in the ImageBuffer and in the file equals the toy's documented content; pulse id and
     daq_rec come from the toy's own header fields."""

@@ -1,8 +1,5 @@
-"""ZMQ addresses of a detector's internal streams.
-
-What every process shares (arguments, logging, signals, the ready line, run_service) is the
-process runtime, fastcore.runtime; its names are re-exported here for older importers.
-"""
+"""ZMQ addresses of a detector's internal streams (the rest of what every process shares
+is the process runtime, fastcore.runtime)."""
 
 from __future__ import annotations
 
@@ -11,16 +8,6 @@ import os
 import zmq
 
 from fastcore.names import Stream
-from fastcore.runtime import (
-    DEFAULT_IPC_DIR,
-    LOG_FORMAT,
-    add_common_arguments,
-    run_service,
-    setup_logging,
-)
-
-__all__ = ["DEFAULT_IPC_DIR", "IPC_PATH_MAX", "LOG_FORMAT", "add_common_arguments",
-           "ipc_address", "run_service", "setup_logging", "subscribe"]
 
 IPC_PATH_MAX = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
 

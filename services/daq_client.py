@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
+from fastcore.runtime import AMQP_PORT, parse_broker_url
 from fastcore.status import read_status, status_key
-from services.broker.address import AMQP_PORT, parse_broker_url
 from services.broker.client import BrokerClient
 from services.broker.protocol import (
     ACTION_REQUEST_FAIL,

@@ -2,7 +2,7 @@
 
 A service starts with the process runtime's ``service_setup`` (fastcore.runtime: arguments,
 logging, config file or Redis ``config.<service_name>``) and serves with
-:func:`serve_primary`; the runtime's names are re-exported here for older importers.
+:func:`serve_primary`.
 """
 
 from __future__ import annotations
@@ -17,23 +17,11 @@ import redis
 
 from fastcore.runtime import (
     DEFAULT_IPC_DIR,
-    HEARTBEAT_S,
-    LOG_FORMAT,
-    STATUS_TTL_S,
-    SetupError,
     StatusHeartbeat,
-    add_service_arguments,
     announce_ready,
-    load_service_config,
-    redis_client,
-    service_setup,
     stop_on_signals,
 )
 from services.broker.journal import RunningJournal
-
-__all__ = ["HEARTBEAT_S", "LOG_FORMAT", "STATUS_TTL_S", "SetupError", "StatusHeartbeat",
-           "add_service_arguments", "load_service_config", "redis_client", "serve_primary",
-           "service_setup"]
 
 log = logging.getLogger(__name__)
 

@@ -98,6 +98,8 @@ def test_count_writes_exactly_the_images_the_events_point_at(stddaq, RE):
     det.acquisition.close()
 
 
+@pytest.mark.parametrize("stddaq", [{}, {"n_writers": 2, "frames_per_block": 5}],
+                         indirect=True, ids=["one writer", "two writers, master file"])
 def test_fly_scan_and_tiled_read_back(stddaq, RE):
     from bluesky.callbacks.tiled_writer import TiledWriter
     from tiled.client import from_uri

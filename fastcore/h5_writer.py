@@ -634,7 +634,6 @@ class H5Writer:
 
     def _write_master(self, command: MasterCommand, path: str, names: list[str]) -> int:
         config, root = self.config, self.config.output_root
-        images = self._image_buffer()
         with effective_user(command.user_id or config.writer_user_id):
             runs = []
             if command.append:
@@ -652,8 +651,8 @@ class H5Writer:
             dir_fd, fd = create_exclusive(target, root)
             try:
                 with h5py.File(fd_path(fd), "w", libver="latest") as master:
-                    write_master(master, config.detector_name, images.shape, images.dtype,
-                                 names, command.frames_per_block, runs,
+                    write_master(master, config.detector_name, config.image_shape,
+                                 config.image_dtype, names, command.frames_per_block, runs,
                                  file_attributes(config, command.run_id, command.metadata))
                 if target != path:
                     os.rename(os.path.basename(target), os.path.basename(path),

@@ -13,6 +13,7 @@ import numpy as np
 
 from fastcore.detectors.base import DetectorType, ModuleFormat
 from fastcore.detectors.simulated import base_pattern, daq_rec_of, pulse_id_of
+from fastcore.detectors.sls import sls_packet_headers
 
 if TYPE_CHECKING:
     from fastcore.config import DetectorConfig
@@ -81,12 +82,7 @@ class Jungfrau(DetectorType):
 
     def packet_headers(self, config: DetectorConfig, fmt: ModuleFormat, frame: int,
                        module: int) -> np.ndarray:
-        headers = np.zeros(fmt.n_packets, fmt.header)
-        headers["framenum"] = frame
-        headers["packetnum"] = np.arange(fmt.n_packets)
-        headers["module_id"] = module
-        headers["header_version"] = 2
+        headers = sls_packet_headers(fmt, frame, module, SLS_DETECTOR_TYPE)
         headers["bunchid"] = pulse_id_of(frame)
         headers["debug"] = daq_rec_of(frame)
-        headers["detector_type"] = SLS_DETECTOR_TYPE
         return headers

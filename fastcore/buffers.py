@@ -53,7 +53,7 @@ def _segment_path(name: str) -> str:
     return os.path.join(directory, name)
 _PAGE = 4096
 SEGMENT_MODE = 0o640  # the creating user writes; its group (consumers run as it) reads
-_IMAGE_META_BYTES = 128  # ImageMetadata (80 B) padded to two cache lines
+_IMAGE_META_BYTES = _PAGE  # ImageMetadata (80 B), then the image on a page boundary (O_DIRECT)
 
 
 class ShmBufferError(RuntimeError):

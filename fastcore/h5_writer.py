@@ -42,6 +42,7 @@ import zmq
 from fastcore import __version__
 from fastcore.buffers import ImageBuffer, ShmBufferError, shm_name
 from fastcore.config import DetectorConfig
+from fastcore.direct_io import ALIGN, ChunkQueue, ChunkWriteError, DirectWriter, aligned_zeros
 from fastcore.file_layout import FILL_VALUES, METADATA_FIELDS
 from fastcore.formats import IMAGE_METADATA, INVALID_ID, ImageStatus, image_records
 from fastcore.h5_recovery import RecoveryError, recover_file
@@ -152,6 +153,7 @@ class RunFile:
     images: ImageBuffer
     compression: str
     split: Split | None = None  # this writer's share of a run spread over several
+    direct_io: bool = True  # uncompressed chunks written with O_DIRECT where possible
     n_rows: int = 0
     n_written: int = 0
     missing_ids: list[int] = field(default_factory=list)
@@ -171,9 +173,12 @@ class RunFile:
                 else:
                     (dir_fd, fd), created = create_exclusive(self.path, config.output_root), True
                 try:
+                    # large objects (the chunks) on ALIGN boundaries: direct writes
                     self.file = h5py.File(fd_path(fd), "w" if created else "r+",
-                                          libver="latest")
+                                          libver="latest", alignment_threshold=ALIGN,
+                                          alignment_interval=ALIGN)
                     self._reserve_space(dir_fd, created)
+                    self._chunks = self._open_chunks(fd) if self.direct_io else None
                 finally:
                     os.close(fd)
                     os.close(dir_fd)
@@ -189,8 +194,12 @@ class RunFile:
                 self._open_layout()
             self.file.swmr_mode = True
         except BaseException:
+            self._close_chunks()
             self.file.close()
             raise
+        if self._chunks is not None and (not self._allocates_early()
+                                         or self.images.data_bytes < ALIGN):
+            self._close_chunks()  # chunks HDF5 allocates only as it writes them; tiny ones
         self.meta = np.zeros((len(METADATA_FIELDS), min(self.n_target, 4096)), np.uint64)
         self.flushed = 0  # rows visible to readers, and kept if the writer is killed
         self._zero_chunk: np.ndarray | None = None
@@ -199,10 +208,18 @@ class RunFile:
         config, shape = self.config, self.images.shape
         self.base = 0  # rows of earlier runs (appends)
         group = self.file.create_group(config.detector_name)
-        filters = hdf5plugin.Bitshuffle(cname="lz4") if self.compression != "none" else {}
+        chunks = (1, *shape)
+        if self.compression != "none":
+            options = hdf5plugin.Bitshuffle(cname="lz4")
+        else:  # every chunk allocated as the dataset grows, written by DirectWriter
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_chunk(chunks)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            options = {"dcpl": dcpl}
         self.data = group.create_dataset(
-            "data", shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape),
-            dtype=self.images.dtype, **filters)
+            "data", shape=(0, *shape), maxshape=(None, *shape), chunks=chunks,
+            dtype=self.images.dtype, **options)
         self.meta_sets = {
             name: group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(4096,),
                                        dtype="<u8", fillvalue=FILL_VALUES.get(name, 0))
@@ -263,6 +280,32 @@ class RunFile:
                 os.unlink(os.path.basename(self.path), dir_fd=dir_fd)
             raise
 
+    def _open_chunks(self, fd: int) -> ChunkQueue:
+        try:
+            writer = DirectWriter(fd_path(fd))
+        except OSError:
+            self.file.close()
+            raise
+        return ChunkQueue(writer, self._still_held)
+
+    def _still_held(self, token: tuple[int, int, int]) -> bool:
+        """On the I/O thread, right after a chunk was written: was the image's slot still
+        holding it (else the assembler rewrote it meanwhile)?"""
+        _, image_id, _ = token
+        return image_id < 0 or self.images.holds(image_id)
+
+    def _allocates_early(self) -> bool:
+        """True when HDF5 allocates the uncompressed chunks of ``data`` as it grows (files
+        this writer created; not a compressed file or one from elsewhere appended to)."""
+        plist = self.data.id.get_create_plist()
+        return (self.compression == "none" and plist.get_nfilters() == 0
+                and plist.get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY)
+
+    def _close_chunks(self) -> None:
+        if self._chunks is not None:
+            self._chunks.close()
+            self._chunks = None
+
     @property
     def complete(self) -> bool:
         return self.n_rows >= self.n_target
@@ -288,27 +331,77 @@ class RunFile:
 
     def append(self, image_metadata: np.void) -> bool:
         """Write the next image from the ImageBuffer; False if it was no longer there (a
-        row of zeros flagged NOT_IN_BUFFER)."""
+        row of zeros flagged NOT_IN_BUFFER). With direct I/O the image is queued: whether
+        it was written good is known at :meth:`settle`."""
         row, image_id = self.n_rows, int(image_metadata["id"])
         file_row = self.base + row
         self._grow_meta(row + 1)
-        self.data.id.set_extent((file_row + 1, *self.images.shape))  # low level: ~5x cheaper
+        offset = None
+        if self._chunks is not None:
+            offset = self._add_row(file_row)
+        else:
+            self.data.id.set_extent((file_row + 1, *self.images.shape))  # low level: ~5x cheaper
         if not self.images.holds(image_id):
             self._reattach()
-        good = self.images.holds(image_id) and self._write_chunk(file_row, image_id)
-        status = int(image_metadata["status"])
-        if not good:
-            self._write_zeros(file_row)
-            status |= ImageStatus.NOT_IN_BUFFER
-            self.n_missing += 1
-            if len(self.missing_ids) < _MAX_LISTED:
-                self.missing_ids.append(image_id)
-        else:
-            self.n_written += 1
-        self.meta[:, row] = (image_id, status, image_metadata["user_1"],
+        self.meta[:, row] = (image_id, image_metadata["status"], image_metadata["user_1"],
                              image_metadata["frame_index"], image_metadata["user_2"])
         self.n_rows = row + 1
+        if offset is not None and self.images.holds(image_id):
+            self._queue(offset, self.images.image(image_id), (row, image_id, offset))
+            return True
+        good = offset is None and self.images.holds(image_id) and self._write_chunk(
+            file_row, image_id)
+        if good:
+            self.n_written += 1
+        else:
+            self._lost(row, image_id, offset)
         return good
+
+    def _lost(self, row: int, image_id: int, offset: int | None) -> None:
+        """The image of ``row`` was no longer in the ImageBuffer: zeros, NOT_IN_BUFFER
+        (``offset``: its chunk's, with direct I/O)."""
+        self._write_zeros(row, offset)
+        self.meta[1, row] |= np.uint64(ImageStatus.NOT_IN_BUFFER)
+        self.n_missing += 1
+        if len(self.missing_ids) < _MAX_LISTED:
+            self.missing_ids.append(image_id)
+
+    def settle(self, wait: bool = False) -> None:
+        """Book the queued images written so far (with ``wait``: all of them). A failed
+        write (OSError) keeps only the rows before it."""
+        chunks = self._chunks
+        if chunks is None:
+            return
+        try:
+            chunks.submit()
+            while True:
+                for (row, image_id, offset), held in chunks.reap(wait):
+                    if image_id < 0:
+                        continue  # zeros of an image lost before
+                    if held:
+                        self.n_written += 1
+                    else:  # rewritten while it was written: its row becomes zeros
+                        self._lost(row, image_id, offset)
+                if not wait or chunks.idle:
+                    break
+        except ChunkWriteError as exc:
+            self._cut(exc.token[0])
+            raise
+
+    def _queue(self, offset: int, data: np.ndarray, token: tuple[int, int, int]) -> None:
+        try:
+            self._chunks.add(offset, data, token)
+        except ChunkWriteError as exc:  # an earlier write failed
+            self._cut(exc.token[0])
+            raise
+
+    def _cut(self, row: int) -> None:
+        """Rows from ``row`` on were not written (a failed write): drop them."""
+        self.n_rows = min(self.n_rows, row)
+        status = self.meta[1, : self.n_rows]
+        self.n_missing = int(np.count_nonzero(status & np.uint64(ImageStatus.NOT_IN_BUFFER)))
+        kept = set(self.meta[0, : self.n_rows].tolist())
+        self.missing_ids = [i for i in self.missing_ids if i in kept]
 
     def _reattach(self) -> None:
         """The producer restarted with a new ImageBuffer: follow it (same geometry only)."""
@@ -329,11 +422,37 @@ class RunFile:
         self.data.id.write_direct_chunk((row, 0, 0), chunk)
         return True
 
-    def _write_zeros(self, row: int) -> None:
+    def _add_row(self, file_row: int) -> int:
+        """Grow ``data`` to ``file_row`` + 1 rows (HDF5 allocates the chunk: early
+        allocation) and return the new chunk's file offset.
+
+        HDF5 finds a chunk's offset only by walking the chunk index (its cost grows with the
+        rows), so the offset is derived: a chunk this large never fits in the file's free
+        space (only fragments below ALIGN are freed while a run is written), so HDF5 places
+        it at the end of allocated space, aligned. When the end of allocated space then
+        moved by exactly that chunk, that is where it is; otherwise (HDF5 also allocated
+        index blocks, in about 1 of 300 rows) the index is asked.
+        """
+        nbytes = self.images.data_bytes
+        before = self.file.id.get_filesize()  # end of allocated space (or of the file)
+        self.data.id.set_extent((file_row + 1, *self.images.shape))
+        first = -(-before // ALIGN) * ALIGN
+        if self.file.id.get_filesize() == first + nbytes:
+            return first
+        offset = self.data.id.get_chunk_info_by_coord((file_row, 0, 0)).byte_offset
+        if offset is None:
+            raise WriteError(f"HDF5 allocated no chunk for row {file_row} of {self.path}")
+        return offset
+
+    def _write_zeros(self, row: int, offset: int | None) -> None:
         if self._zero_chunk is None:
-            zeros = np.zeros(self.images.shape, self.images.dtype)
-            self._zero_chunk = zeros if self.compression == "none" else bitshuffle_chunk(zeros)
-        self.data.id.write_direct_chunk((row, 0, 0), self._zero_chunk)
+            zeros = aligned_zeros(self.images.data_bytes)
+            self._zero_chunk = zeros if self.compression == "none" else bitshuffle_chunk(
+                zeros.view(self.images.dtype).reshape(self.images.shape))
+        if offset is not None:
+            self._queue(offset, self._zero_chunk, (row, -1, offset))
+        else:
+            self.data.id.write_direct_chunk((self.base + row, 0, 0), self._zero_chunk)
 
     def flag_counts(self) -> tuple[int, dict[str, int]]:
         """(good rows, rows per status flag name)."""
@@ -344,6 +463,7 @@ class RunFile:
     def flush(self) -> None:
         """Make the written images and their metadata visible to SWMR readers (and safe
         from a kill: a restarted writer keeps the rows flushed)."""
+        self.settle(wait=True)
         rows, base = self.n_rows, self.base
         if rows > self.flushed:
             for i, name in enumerate(METADATA_FIELDS):
@@ -357,12 +477,21 @@ class RunFile:
         """Flush and close; after a failed write, the rows written whole are kept."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.reserve)
-        if failed:  # the failed image's row may have been added
-            self.data.resize(self.base + self.n_rows, axis=0)
+        error = None
         try:
+            self.settle(wait=True)
+        except OSError as exc:  # the rows before the failed write are kept
+            error, failed = exc, True
+        try:
+            if failed or self.data.shape[0] != self.base + self.n_rows:
+                # the failed image's row may have been added; rows allocated ahead
+                self.data.resize(self.base + self.n_rows, axis=0)
             self.flush()
         finally:
+            self._close_chunks()
             self.file.close()
+        if error is not None:
+            raise error
 
 
 class AbsentIds:
@@ -553,10 +682,12 @@ class H5Writer:
     timers; ``publish(event)`` reports every event (a ``writer_protocol`` event)."""
 
     def __init__(self, config: DetectorConfig, publish: Callable[[WriterEvent], None],
-                 compression: str = "none", journal: str | None = None):
+                 compression: str = "none", journal: str | None = None,
+                 direct_io: bool = True):
         self.config = config
         self.publish = publish
         self.compression = compression
+        self.direct_io = direct_io
         self.journal = journal
         self.run: Run | None = None
         self.images: ImageBuffer | None = None
@@ -606,7 +737,7 @@ class H5Writer:
             path = self._below_root(info.output_file)
             images = self._image_buffer()
             file = RunFile(path, run_id, info, self.config, images,
-                           info.compression or self.compression, split)
+                           info.compression or self.compression, split, self.direct_io)
         except (WriteError, ShmBufferError, OSError) as exc:
             self._fail_open(run_id, str(exc))
             return
@@ -693,6 +824,7 @@ class H5Writer:
         run = self.run
         try:
             write(*args)
+            run.file.settle()  # book the images the disk has taken meanwhile
         except (OSError, WriteError) as exc:
             message = f"writing image {run.file.n_rows} to {run.file.path} failed: {exc}"
             self.finish(FAILED, message, failed=True)
@@ -812,7 +944,7 @@ def decode_records(messages: list[bytes]) -> np.ndarray:
 
 
 def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
-          compression: str, index: int = 0) -> None:
+          compression: str, index: int = 0, direct_io: bool = True) -> None:
     name, n_writers = config.detector_name, config.n_writers
     if not 0 <= index < n_writers:
         raise ValueError(f"--writer-index: {index} is not one of the config's n_writers "
@@ -825,7 +957,8 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
                                                           n_writers)))
     images = subscribe(ctx, ipc_address(ipc_dir, name, Stream.IMAGE))
     journal = journal_path(ipc_dir, name, index, n_writers)
-    writer = H5Writer(config, lambda event: status.send(event.to_json()), compression, journal)
+    writer = H5Writer(config, lambda event: status.send(event.to_json()), compression, journal,
+                      direct_io)
     writer.recover()
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
@@ -867,9 +1000,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="chunk compression when a request does not say (default: none)")
     parser.add_argument("--writer-index", type=int, default=0, metavar="I",
                         help="which of the config's n_writers this process is (default: 0)")
+    parser.add_argument("--buffered-io", action="store_true",
+                        help="write uncompressed images through the page cache (default: "
+                        "O_DIRECT where the file system allows, far less CPU per image)")
     args = parser.parse_args(argv)
     return run_service("stddaq-h5-writer", args, lambda config, stop: serve(
-        config, args.ipc_dir, stop, args.compression, args.writer_index))
+        config, args.ipc_dir, stop, args.compression, args.writer_index,
+        not args.buffered_io))
 
 
 if __name__ == "__main__":

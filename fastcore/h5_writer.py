@@ -851,6 +851,21 @@ class H5Writer:
             self._beat_at = now
             self.publish(Heartbeat(os.getpid(), time.time(),
                                    self.run.run_id if self.run else None))
+            if self.run is None:
+                self._follow_buffer()
+
+    def _follow_buffer(self) -> None:
+        """Between runs: keep the ImageBuffer mapped, so a run's start does not wait for
+        mapping it (MAP_POPULATE of a large buffer takes a good fraction of a second);
+        follow one its producer recreated, and let go of one that is gone."""
+        images = self.images
+        if images is not None and images.segment.replaced():
+            images.close()
+            self.images = images = None
+        if images is None:
+            with contextlib.suppress(ShmBufferError):
+                self.images = ImageBuffer.attach(shm_name(self.config.detector_name,
+                                                          Segment.IMAGE))
 
     def _flush(self, run: Run) -> None:
         """Flush, then report the rows flushed as written (a kill cannot take them back)."""

@@ -681,3 +681,33 @@ def test_kill_9_leaves_a_file_the_restarted_writer_repairs(harness, tmp_path):
     h.start(str(tmp_path / "next.h5"), 1, run_id=2)  # and it serves the next run
     h.put(13)
     assert h.events()[-1]["outcome"] == "success"
+
+
+def test_an_idle_writer_keeps_the_image_buffer_mapped_and_follows_it(make_config):
+    """Between runs the writer maps the ImageBuffer (a run's start then does not wait for
+    it), re-maps one the assembler recreated and lets go of one that is gone."""
+    path, _ = make_config("jungfrau_1m.json")
+    config = load_config(path)
+    name = shm_name(config.detector_name, Segment.IMAGE)
+    events: list = []
+    writer = H5Writer(config, events.append)
+    try:
+        writer.tick()
+        assert writer.images is None  # no assembler yet: nothing to map, no error
+        first = ImageBuffer.create(name, 4, config.image_shape, config.image_dtype)
+        writer._beat_at = 0.0
+        writer.tick()
+        assert writer.images is not None and not writer.images.segment.replaced()
+        mapped = writer.images
+        first.close()  # the assembler stops: its buffer is removed
+        second = ImageBuffer.create(name, 4, config.image_shape, config.image_dtype)
+        writer._beat_at = 0.0
+        writer.tick()
+        assert writer.images is not mapped and not writer.images.segment.replaced()
+        second.close()
+        writer._beat_at = 0.0
+        writer.tick()
+        assert writer.images is None  # gone: its memory is not held
+        assert all(type(e).__name__ == "Heartbeat" for e in events) and len(events) == 4
+    finally:
+        writer.close()

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,3 +133,21 @@ def stddaq(request, make_config, ipc_dir, tmp_path):
     yield agent, detector
     detector.stop()
     agent.close()
+
+
+@pytest.fixture
+def small_disk():
+    """A 6 MiB tmpfs (root only; skipped otherwise): a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount_point = tempfile.mkdtemp(prefix="sdq-full-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mount_point],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        os.rmdir(mount_point)
+        pytest.skip(f"cannot mount tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", mount_point], check=False)
+        os.rmdir(mount_point)

@@ -509,31 +509,19 @@ def test_writes_as_writer_user_id(harness, tmp_path):
         shutil.rmtree(top)
 
 
-def test_full_disk_mid_run_gives_error_and_a_readable_partial_file(harness, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mount_point = tempfile.mkdtemp(prefix="sdq-full-")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mount_point],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        os.rmdir(mount_point)
-        pytest.skip(f"cannot mount tmpfs here: {mounted.stderr.strip()}")
-    try:
-        h = harness()
-        out = os.path.join(mount_point, "full.h5")
-        h.start(out, 10, run_id=5)  # 10 x 2.1 MB images never fit in 6 MB
-        for i in range(10):
-            h.put(200 + i)
-        stop = h.events()[-1]
-        assert (stop["reason"], stop["outcome"]) == ("error", "fail")
-        assert "failed" in stop["message"] and out in stop["message"]
-        written = stop["n_written"]
-        assert 0 < written < 10
-        check_in_fresh_process(out, h.name, list(range(200, 200 + written)), [0] * written)
-        assert "ready" in h.writer.output and h.writer.popen.poll() is None
-    finally:
-        subprocess.run(["umount", "-l", mount_point], check=False)
-        os.rmdir(mount_point)
+def test_full_disk_mid_run_gives_error_and_a_readable_partial_file(harness, small_disk):
+    h = harness()
+    out = os.path.join(small_disk, "full.h5")
+    h.start(out, 10, run_id=5)  # 10 x 2.1 MB images never fit in 6 MB
+    for i in range(10):
+        h.put(200 + i)
+    stop = h.events()[-1]
+    assert (stop["reason"], stop["outcome"]) == ("error", "fail")
+    assert "failed" in stop["message"] and out in stop["message"]
+    written = stop["n_written"]
+    assert 0 < written < 10
+    check_in_fresh_process(out, h.name, list(range(200, 200 + written)), [0] * written)
+    assert "ready" in h.writer.output and h.writer.popen.poll() is None
 
 
 def test_malformed_and_stale_commands_are_reported(harness, tmp_path):

@@ -56,16 +56,11 @@ class DirectWriter:
             self._direct = -1
             log.warning("the file system of %s refuses O_DIRECT: images are written "
                         "through the page cache (more CPU per image)", path)
-
         self._use_direct = self._direct >= 0
 
     @property
     def direct(self) -> bool:
         return self._use_direct
-
-    def write(self, offset: int, data: np.ndarray) -> None:
-        """Write ``data`` (C-contiguous) at ``offset``."""
-        self.write_run(offset, [data])
 
     def write_run(self, offset: int, arrays: list[np.ndarray]) -> None:
         """Write ``arrays`` (C-contiguous) one after the other from ``offset``: one

@@ -483,8 +483,7 @@ class RunFile:
         except OSError as exc:  # the rows before the failed write are kept
             error, failed = exc, True
         try:
-            if failed or self.data.shape[0] != self.base + self.n_rows:
-                # the failed image's row may have been added; rows allocated ahead
+            if failed:  # the failed image's row may have been added
                 self.data.resize(self.base + self.n_rows, axis=0)
             self.flush()
         finally:

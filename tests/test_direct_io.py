@@ -191,7 +191,7 @@ def test_a_file_system_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypa
     writer = DirectWriter(path)
     monkeypatch.undo()
     assert not writer.direct and "refuses O_DIRECT" in caplog.text
-    writer.write(ALIGN, data)
+    writer.write_run(ALIGN, [data])
     writer.close()
 
     writer = DirectWriter(path)  # O_DIRECT opens, its first write fails with EINVAL
@@ -205,7 +205,7 @@ def test_a_file_system_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypa
         return real_pwritev(fd, views, offset)
 
     monkeypatch.setattr(direct_io.os, "pwritev", refusing_pwritev)
-    writer.write(4 * ALIGN, data)
+    writer.write_run(4 * ALIGN, [data])
     assert not writer.direct and "fail with EINVAL" in caplog.text
     writer.close()
     with open(path, "rb") as f:

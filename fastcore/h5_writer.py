@@ -847,11 +847,14 @@ class H5Writer:
             elif now - run.flushed_at > FLUSH_EVERY_S and run.file.n_rows > run.file.flushed:
                 self._flush(run)
         if now - self._beat_at > HEARTBEAT_S:
-            self._beat_at = now
-            self.publish(Heartbeat(os.getpid(), time.time(),
-                                   self.run.run_id if self.run else None))
+            self.beat()
             if self.run is None:
                 self._follow_buffer()
+
+    def beat(self) -> None:
+        """Publish a heartbeat now (the timer's, and a new subscriber's first event)."""
+        self._beat_at = time.monotonic()
+        self.publish(Heartbeat(os.getpid(), time.time(), self.run.run_id if self.run else None))
 
     def _follow_buffer(self) -> None:
         """Between runs: keep the ImageBuffer mapped, so a run's start does not wait for
@@ -957,6 +960,15 @@ def decode_records(messages: list[bytes]) -> np.ndarray:
     return np.concatenate(records) if records else np.empty(0, IMAGE_METADATA)
 
 
+def _new_subscriber(status: zmq.Socket) -> bool:
+    """Drain the XPUB's subscription messages; whether one was a new subscription."""
+    joined = False
+    with contextlib.suppress(zmq.Again):
+        while True:
+            joined |= status.recv(zmq.NOBLOCK)[:1] == b"\x01"
+    return joined
+
+
 def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
           compression: str, index: int = 0, direct_io: bool = True) -> None:
     name, n_writers = config.detector_name, config.n_writers
@@ -966,7 +978,8 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     ctx = zmq.Context.instance()
     commands = ctx.socket(zmq.PULL)
     commands.bind(ipc_address(ipc_dir, name, writer_stream(Stream.WRITER, index, n_writers)))
-    status = ctx.socket(zmq.PUB)
+    status = ctx.socket(zmq.XPUB)  # a new subscriber is greeted with a heartbeat at once
+    status.setsockopt(zmq.XPUB_VERBOSE, 1)
     status.bind(ipc_address(ipc_dir, name, writer_stream(Stream.WRITER_STATUS, index,
                                                           n_writers)))
     images = subscribe(ctx, ipc_address(ipc_dir, name, Stream.IMAGE))
@@ -977,6 +990,7 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
     poller.register(images, zmq.POLLIN)
+    poller.register(status, zmq.POLLIN)
     announce_ready("writing %s images on request (compression %s%s)", name, compression,
                    f"; writer {index} of {n_writers}" if n_writers > 1 else "")
     try:
@@ -995,6 +1009,8 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
                         writer.command(commands.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
+            if status in ready and _new_subscriber(status):
+                writer.beat()
             writer.tick()
     finally:
         writer.close()

@@ -138,7 +138,9 @@ class WriterAgent:
         self._current: tuple[str, str] | None = None  # (request_id, output_file)
         self._kill = threading.Event()
         self._opened: SingleRun | SplitRun | None = None  # before_start's, for on_request
-        self._links: list[WriterLink] = []
+        # connected now, so the writers' events reach the agent by its first request
+        self._links = [WriterLink(ipc_dir, config.detector_name, i, config.n_writers)
+                       for i in range(config.n_writers)]
         self.counters = {"requests": 0, "succeeded": 0, "partial": 0, "failed": 0,
                          "images_written": 0, "images_missing": 0}
 
@@ -163,11 +165,8 @@ class WriterAgent:
         self._current = (request_id, write.output_file)
         self._kill.clear()
         try:
-            n_writers = self.config.n_writers
-            if not self._links:
-                self._links = [WriterLink(self.ipc_dir, self.config.detector_name, i, n_writers)
-                               for i in range(n_writers)]
-            run = (SingleRun(self, self._links[0], request_id, write) if n_writers == 1
+            run = (SingleRun(self, self._links[0], request_id, write)
+                   if self.config.n_writers == 1
                    else SplitRun(self, self._links, request_id, write))
             run.start()
             self._opened = run

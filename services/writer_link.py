@@ -13,6 +13,8 @@ from fastcore.writer_protocol import ProtocolError, WriterEvent, decode_event
 
 log = logging.getLogger(__name__)
 
+SETTLE_S = 2.0  # a running writer greets a new subscriber at once; its heartbeat is 0.5 s
+
 
 class BusyError(RuntimeError):
     """The detector is already writing another request."""
@@ -36,12 +38,21 @@ class WriterLink:
         self.commands.connect(self.address)
         self.events = subscribe(ctx, ipc_address(ipc_dir, detector_name, writer_stream(
             Stream.WRITER_STATUS, index, n_writers)))
+        self.heard = False  # an event came: the writer's events reach this link
+
+    def settle(self, timeout_s: float = SETTLE_S) -> None:
+        """Wait (bounded) until the writer's greeting heartbeat shows its events reach this
+        link, so the answer to a first command is not lost while the subscription is still
+        on its way (:meth:`send` does this first)."""
+        if not self.heard:
+            self.receive(timeout_s)
 
     def send(self, message: bytes, timeout_s: float = 1.0) -> None:
         """Send a command; WriterError when no writer is connected within ``timeout_s``."""
         if not self.commands.poll(int(timeout_s * 1000), zmq.POLLOUT):
             raise WriterError(f"stddaq-h5-writer is not running (nothing listens on "
                               f"{self.address})")
+        self.settle()
         self.commands.send(message, zmq.NOBLOCK)
 
     def receive(self, timeout_s: float) -> WriterEvent | None:
@@ -50,6 +61,7 @@ class WriterLink:
         deadline = time.monotonic() + timeout_s
         while self.events.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             data = self.events.recv()
+            self.heard = True
             try:
                 return decode_event(data)
             except ProtocolError as exc:
@@ -59,6 +71,7 @@ class WriterLink:
     def drain(self) -> None:
         while self.events.poll(0):
             self.events.recv()
+            self.heard = True
 
     def close(self) -> None:
         self.commands.close(0)

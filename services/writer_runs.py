@@ -86,6 +86,8 @@ class SingleRun:
             if isinstance(event, WriterFailure):
                 raise WriterError(f"h5 writer: {event.message}")
             self._on_event(event)
+            if isinstance(event, Heartbeat):  # the run is open; its start event was lost
+                self._report()
             return
 
     def follow(self) -> dict:

@@ -33,7 +33,7 @@ from fastcore.writer_protocol import (
     decode_event,
 )
 from services.writer_agent import RequestError, WriterAgent, validate_write_request
-from services.writer_link import BusyError, WriterError
+from services.writer_link import BusyError, WriterError, WriterLink
 from tests.conftest import REPO, Proc, module_cmd
 
 
@@ -394,3 +394,19 @@ def test_writer_events_read_back_as_sent(event):
 def test_malformed_writer_events_are_named(data, message):
     with pytest.raises(ProtocolError, match=message):
         decode_event(data)
+
+
+def test_a_new_link_hears_the_writer_at_once(setup, ipc_dir):
+    """The writer greets each new subscriber with a heartbeat, so a link (an agent that
+    just started) knows its events arrive before its first command: the start's answer
+    is never lost to a subscription still on its way. Without the greeting the first
+    event is the 0.5 s timer's heartbeat."""
+    config = setup[0]
+    for _ in range(8):
+        link = WriterLink(ipc_dir, config.detector_name)
+        try:
+            started = time.monotonic()
+            link.settle()
+            assert link.heard and time.monotonic() - started < 0.2
+        finally:
+            link.close()

@@ -163,7 +163,7 @@ class Assembler:
                        *config.image_shape, config.image_dtype, self.image_buffer.name)
         try:
             while not stop.is_set():
-                if not pull.poll(100):
+                if not pull.poll(1000):  # idle: wake once a second to see a stop
                     continue
                 batch = [pull.recv()]
                 while len(batch) < self.max_batch:

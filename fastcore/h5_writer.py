@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -696,6 +697,13 @@ class H5Writer:
     def catching_up(self) -> bool:
         return self.run is not None and self.run.catching_up
 
+    def wait_ms(self) -> int:
+        """How long the loop may wait for a message: not at all while catching up, a
+        tenth of a second in a run (flush and timeout timers), else until the heartbeat."""
+        if self.run is not None:
+            return 0 if self.run.catching_up else 100
+        return max(1, math.ceil((self._beat_at + HEARTBEAT_S - time.monotonic()) * 1000))
+
     def command(self, data: bytes) -> None:
         try:
             command = decode_command(data)
@@ -846,17 +854,17 @@ class H5Writer:
                             "(or simulator) running?")
             elif now - run.flushed_at > FLUSH_EVERY_S and run.file.n_rows > run.file.flushed:
                 self._flush(run)
-        if now - self._beat_at > HEARTBEAT_S:
+        if now - self._beat_at >= HEARTBEAT_S:
             self.beat()
             if self.run is None:
-                self._follow_buffer()
+                self.follow_buffer()
 
     def beat(self) -> None:
         """Publish a heartbeat now (the timer's, and a new subscriber's first event)."""
         self._beat_at = time.monotonic()
         self.publish(Heartbeat(os.getpid(), time.time(), self.run.run_id if self.run else None))
 
-    def _follow_buffer(self) -> None:
+    def follow_buffer(self) -> None:
         """Between runs: keep the ImageBuffer mapped, so a run's start does not wait for
         mapping it (MAP_POPULATE of a large buffer takes a good fraction of a second);
         follow one its producer recreated, and let go of one that is gone."""
@@ -987,6 +995,7 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     writer = H5Writer(config, lambda event: status.send(event.to_json()), compression, journal,
                       direct_io)
     writer.recover()
+    writer.follow_buffer()  # mapped before ready: the first run does not wait for it
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
     poller.register(images, zmq.POLLIN)
@@ -995,7 +1004,7 @@ def serve(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
                    f"; writer {index} of {n_writers}" if n_writers > 1 else "")
     try:
         while not stop.is_set():
-            ready = dict(poller.poll(0 if writer.catching_up else 100))
+            ready = dict(poller.poll(writer.wait_ms()))
             # images first: those already here when a start arrives are not the run's
             if images in ready and not writer.catching_up:
                 batch = []

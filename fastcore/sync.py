@@ -142,6 +142,11 @@ class FrameSynchronizer:
                 self.pending.setdefault(int(record["id"]), _Pending(now)).modules[module] = record
         return out + self.ready(now)
 
+    @property
+    def waiting(self) -> bool:
+        """Frames pending or held: :meth:`ready` has something to time out."""
+        return bool(self.pending or self.restarting)
+
     def ready(self, now: float) -> list[np.ndarray]:
         """Frames that may leave now, in id order."""
         out = self._restart_after_pause(now)
@@ -177,6 +182,7 @@ class FrameSynchronizer:
         return raw
 
 
+IDLE_POLL_MS = 1000  # how often an idle sync wakes (to see a stop)
 MAX_MESSAGES_PER_TURN = 64  # receiver messages taken per loop turn when they queue up
 
 
@@ -196,7 +202,8 @@ def run(config: DetectorConfig, ipc_dir: str, stop: threading.Event,
     last_log = time.monotonic()
     try:
         while not stop.is_set():
-            if pull.poll(int(timeout_s * 200)):
+            # a fifth of the timeout while frames wait for modules, else a second (idle)
+            if pull.poll(int(timeout_s * 200) if sync.waiting else IDLE_POLL_MS):
                 now = time.monotonic()  # a message holds one or more ModuleFrames
                 out = []
                 for _ in range(MAX_MESSAGES_PER_TURN):  # what is queued, in one turn

@@ -107,6 +107,14 @@ class MessageVector:
         return sent
 
 
+def set_receive_timeout(sock: socket.socket, timeout_s: float) -> None:
+    """SO_RCVTIMEO: how long a blocking receive on ``sock`` waits for a datagram."""
+    seconds = int(timeout_s)
+    micros = int((timeout_s - seconds) * 1e6)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    np.array([seconds, micros], np.int64).tobytes())
+
+
 def open_receive_socket(host: str, port: int, rcvbuf: int = DEFAULT_RCVBUF,
                         timeout_s: float = 0.1) -> socket.socket:
     """Bind a UDP socket with a large receive buffer and a kernel receive timeout.
@@ -121,10 +129,7 @@ def open_receive_socket(host: str, port: int, rcvbuf: int = DEFAULT_RCVBUF,
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        seconds = int(timeout_s)
-        micros = int((timeout_s - seconds) * 1e6)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        np.array([seconds, micros], np.int64).tobytes())
+        set_receive_timeout(sock, timeout_s)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -46,7 +46,7 @@ from fastcore.runtime import (
     run_service,
     stop_on_signals,
 )
-from fastcore.udp import MSG_TRUNC, MessageVector, open_receive_socket
+from fastcore.udp import MSG_TRUNC, MessageVector, open_receive_socket, set_receive_timeout
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ socket is empty, and batches of up to this many while packets keep coming."""
 RESTART_AFTER_QUIET_FLUSHES = 10
 """Quiet receive timeouts (100 ms each) after which the id just committed may start a new
 acquisition; before that, packets of that id are stragglers and counted late."""
+QUIET_TIMEOUT_S = 0.1
+"""Receive timeout while a stream runs or just went quiet: an open frame is committed this
+long after its last packet."""
+IDLE_TIMEOUT_S = 1.0
+"""Receive timeout once the stream has been quiet for RESTART_AFTER_QUIET_FLUSHES timeouts
+with nothing open or held: an idle receiver wakes once a second, not ten times (each wake
+costs the best part of a millisecond of CPU on a VM); a signal still ends the wait."""
 RESYNC_PACKETS = 8
 """Agreeing packets after which the receiver moves to a frame id range outside its stream
 (at most half a frame's packets, at least 2; see :class:`FramePlacer`)."""
@@ -438,6 +445,12 @@ class FramePlacer:
         self.idle = True
         self.quiet_flushes += 1
 
+    @property
+    def dormant(self) -> bool:
+        """Quiet for RESTART_AFTER_QUIET_FLUSHES timeouts, no frame open, nothing held:
+        nothing is left to flush until a packet comes."""
+        return self.quiet_flushes >= RESTART_AFTER_QUIET_FLUSHES and not self._runs
+
 
 class ModuleReceiver:
     """Receives one module's UDP stream into the FrameBuffer; pushes ModuleFrame to sync."""
@@ -452,7 +465,8 @@ class ModuleReceiver:
         self.stop_event = threading.Event()
 
     def open_socket(self) -> socket.socket:
-        return open_receive_socket(self.config.udp_host, self.config.udp_port(self.module_id))
+        return open_receive_socket(self.config.udp_host, self.config.udp_port(self.module_id),
+                                   timeout_s=QUIET_TIMEOUT_S)
 
     def run(self, sock: socket.socket | None = None) -> ReceiverStats:
         """Receive until :attr:`stop_event` is set; returns the counters."""
@@ -482,6 +496,7 @@ class ModuleReceiver:
         headers = vector.headers.view(fmt.header)[:, 0]
         lengths, flags = vector.msgs["len"], vector.msgs["flags"]
         fd, last_log, logged = sock.fileno(), time.monotonic(), None
+        dormant = False  # the socket waits IDLE_TIMEOUT_S, not QUIET_TIMEOUT_S
         log.info("module %d receiving on udp %s:%d (%d packets of %d B per frame)",
                  self.module_id, *sock.getsockname(), fmt.n_packets, fmt.payload_bytes)
         try:
@@ -495,9 +510,15 @@ class ModuleReceiver:
                 vector.set_payload_addresses(placer.payload_addresses(count))
                 n = vector.recv(fd, count, wait_all=True)
                 if n:
+                    if dormant:
+                        set_receive_timeout(sock, QUIET_TIMEOUT_S)
+                        dormant = False
                     placer.accept(headers[:n], lengths[:n], flags[:n])
                 else:
                     placer.flush()
+                    if not dormant and placer.dormant:
+                        set_receive_timeout(sock, IDLE_TIMEOUT_S)
+                        dormant = True
                 if time.monotonic() - last_log > 5 and placer.stats != logged:
                     logged, last_log = ReceiverStats(**placer.stats.__dict__), time.monotonic()
                     log.info("module %d: %s", self.module_id, placer.stats)
@@ -537,7 +558,7 @@ def serve(config: DetectorConfig, modules: list[int], stop: threading.Event,
         for sock in sockets:
             sock.close()
         announce_ready("receiving modules %s of %s", modules, config.detector_name)
-        while not stop.wait(0.2):
+        while not stop.wait(1.0):
             dead = [c for c in children if not c.is_alive()]
             if dead:
                 raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exitcode}")

@@ -540,3 +540,24 @@ def test_batch_size_stops_at_the_end_of_the_frame(make_link):
     link.receive(link.frame_packets(3, range(50, 128)), batch=78)
     assert link.commits == [3]
     assert placer.batch_size(128) == 128  # committed: the next frame, whole
+
+
+def test_dormant_after_a_long_quiet_until_a_packet_comes(make_link):
+    """The receiver lengthens its receive timeout only while the placer is dormant:
+    quiet for RESTART_AFTER_QUIET_FLUSHES timeouts, nothing open, nothing held."""
+    from fastcore.udp_recv import RESTART_AFTER_QUIET_FLUSHES
+
+    link = make_link(JUNGFRAU)
+    placer = link.placer
+    link.receive(link.frame_packets(4, range(60)))  # an open frame
+    assert not placer.dormant
+    for _ in range(RESTART_AFTER_QUIET_FLUSHES - 1):
+        placer.flush()
+    assert link.commits == [4] and not placer.dormant  # committed at the first flush
+    placer.flush()
+    assert placer.dormant
+    link.receive([link.packet(900, 0)])  # a stray packet: held, so not dormant
+    assert not placer.dormant and link.commits == [4]
+    link.receive(link.frame_packets(5))  # the stream resumes where it was
+    assert link.commits == [4, 5] and not placer.dormant
+    link.check_frame(5)

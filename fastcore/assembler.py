@@ -29,7 +29,7 @@ from fastcore.formats import (
     ImageStatus,
     dtype_code,
 )
-from fastcore.geometry import module_blocks, row_plan
+from fastcore.geometry import coalesce_plan, module_blocks, row_plan
 from fastcore.kernels import convert_rows, place_rows
 from fastcore.names import Segment, Stream
 from fastcore.process import ipc_address
@@ -51,6 +51,8 @@ class ImageAssembler:
         self.fmt: ModuleFormat = config.module_format
         self.blocks = [module_blocks(config, m) for m in range(config.n_modules)]
         self.plans = [row_plan(blocks, config.image_shape) for blocks in self.blocks]
+        self.copy_plans = [coalesce_plan(plan, self.fmt.module_shape[1], config.image_shape[1])
+                           for plan in self.plans]  # raw placement: rows joined
         self.calibration = calibration
         unpacks = self.kind.unpacks(self.fmt)
         self._scratch = np.empty(self.fmt.module_shape, self.kind.image_dtype(
@@ -102,7 +104,7 @@ class ImageAssembler:
                          dst_rows, dst_offset, dst_width, self.plans[module])
         else:
             place_rows(src, src_rows, src_offset, src_width, dst, dst_rows, dst_offset,
-                       dst_width, self.plans[module])
+                       dst_width, self.copy_plans[module])
 
     def warm_up(self) -> None:
         """Compile the numba kernels for this detector's pixel types now (they are cached on

@@ -62,6 +62,33 @@ def row_plan(blocks: list[Block], image_shape: tuple[int, int]) -> np.ndarray:
     return np.array(lines, np.int64).reshape(-1, len(ROW_PLAN_FIELDS))
 
 
+COALESCED_LINE_PIXELS = 2**17
+"""Longest line of a coalesced plan: a 1 MiB 16-bit module frame placed whole still makes
+4 lines, so threads can share a large image."""
+
+
+def coalesce_plan(plan: np.ndarray, src_width: int, dst_width: int,
+                  max_pixels: int = COALESCED_LINE_PIXELS) -> np.ndarray:
+    """``plan`` with lines that continue each other in both the frame and the image (one
+    piece, not mirrored: module rows that fill whole image rows) joined into longer lines,
+    each up to ``max_pixels``: for :func:`fastcore.kernels.place_rows` only (a conversion
+    reads its calibration per module row). Measured on 1 MiB frames from a ring far larger
+    than the cache: 0.17 ms per frame against 0.19-0.21 ms row by row (np.copyto: 0.17)."""
+    lines: list[list[int]] = []
+    for line in plan.tolist():
+        s_row, s_col, d_row, d_col, n, step, pieces, _ = line
+        if lines and pieces == 1 and step == 1:
+            last = lines[-1]
+            joined = last[4] + n
+            if (last[5] == 1 and last[6] == 1 and joined <= max_pixels
+                    and last[0] * src_width + last[1] + last[4] == s_row * src_width + s_col
+                    and last[2] * dst_width + last[3] + last[4] == d_row * dst_width + d_col):
+                last[4] = joined
+                continue
+        lines.append(line)
+    return np.array(lines, np.int64).reshape(-1, len(ROW_PLAN_FIELDS))
+
+
 def _line(s_row: int, d_row: int, n: int, step: int, run: list[tuple[int, int]]) -> tuple:
     pitch = run[1][1] - run[0][1] if len(run) > 1 else 0
     return (s_row, run[0][0], d_row, run[0][1], n, step, len(run), pitch)

@@ -38,16 +38,18 @@ def _plan_line(plan, k):  # pragma: no cover - compiled
 @numba.njit(parallel=True, nogil=True, cache=True)
 def place_rows(src, src_rows, src_offset, src_width, dst, dst_rows, dst_offset, dst_width,
                plan):  # pragma: no cover - compiled
-    """Copy every plan line of each frame of the batch onto its image."""
+    """Copy every plan line of each frame of the batch onto its image. A line's pieces
+    are addressed from the start of its frame and image row, so a line of a coalesced
+    plan (``geometry.coalesce_plan``) may run over several module rows."""
     for k in numba.prange(plan.shape[0]):
         sr, sc, dr, dc, n, step, pieces, pitch = _plan_line(plan, k)
-        s_row = src_offset + sr * src_width
-        d_row = dst_offset + dr * dst_width
+        s_first = src_offset + sr * src_width + sc
+        d_first = dst_offset + dr * dst_width + dc
         for f in range(src_rows.shape[0]):
-            line = src[src_rows[f], s_row:s_row + src_width]
-            out = dst[dst_rows[f], d_row:d_row + dst_width]
+            line = src[src_rows[f]]
+            out = dst[dst_rows[f]]
             for i in range(pieces):
-                s0, d0 = sc + i * n, dc + i * pitch
+                s0, d0 = s_first + i * n, d_first + i * pitch
                 if step == 1:
                     out[d0:d0 + n] = line[s0:s0 + n]
                 else:

@@ -15,7 +15,7 @@ import pytest
 from fastcore.assembler import ImageAssembler
 from fastcore.config import parse_config
 from fastcore.detectors import module_format
-from fastcore.geometry import module_blocks
+from fastcore.geometry import coalesce_plan, module_blocks, row_plan
 from fastcore.simulator import encode_frame, simulated_pixels
 from fastcore.udp_recv import module_origin
 
@@ -267,3 +267,24 @@ def test_gigafrost_module_origin_is_its_quadrant_corner():
     expected = [(h // 2, 0), (h // 2, 0), (h // 2, w // 2), (h // 2, w // 2),
                 (0, 0), (0, 0), (0, w // 2), (0, w // 2)]
     assert [module_origin(config, m) for m in range(8)] == expected
+
+
+def test_coalesced_plan_joins_only_rows_that_continue_each_other():
+    """Module rows that fill whole image rows in order become a few long lines; flipped,
+    mirrored or gapped rows stay one line each (the placement itself is checked pixel by
+    pixel in test_assembler_places_encoded_frames)."""
+    config = JUNGFRAU_CONFIGS["no_gaps_rotated"]
+    width = config.module_format.module_shape[1]
+    plans = [row_plan(module_blocks(config, m), config.image_shape) for m in range(2)]
+    joined = [coalesce_plan(plan, width, config.image_shape[1]) for plan in plans]
+    assert len(plans[0]) == 512 and joined[0][:, 4].tolist() == [2**17] * 4
+    assert joined[0][:, :4].tolist() == [[0, 0, 0, 0], [128, 0, 128, 0], [256, 0, 256, 0],
+                                         [384, 0, 384, 0]]
+    np.testing.assert_array_equal(joined[1], plans[1])  # rotated: mirrored rows
+    assert len(coalesce_plan(plans[0], width, config.image_shape[1], max_pixels=3000)) == 256
+    for name in ("jf1m_gaps_flipped_y", "gaps_flipped_x", "mixed"):
+        gapped = JUNGFRAU_CONFIGS[name]
+        for m in range(gapped.n_modules):
+            plan = row_plan(module_blocks(gapped, m), gapped.image_shape)
+            np.testing.assert_array_equal(
+                coalesce_plan(plan, width, gapped.image_shape[1]), plan)

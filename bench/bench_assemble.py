@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from fastcore.assembler import Assembler, ImageAssembler
+from fastcore.assembler import SERIAL_COPY_MAX_BYTES, Assembler, ImageAssembler
 from fastcore.config import DetectorConfig, parse_config
 from fastcore.conversion import convert_reference
 from fastcore.detectors.jungfrau import MODULE_SHAPE as JUNGFRAU_MODULE_SHAPE
@@ -140,6 +140,7 @@ def run_layout(layout: str, args: argparse.Namespace, repeats: int, sources: np.
     copy_dest = raw_images.reshape(n_dest, -1)[:, : IMAGE_RAW_BYTES // 2].reshape(
         n_dest, N_MODULES, -1)
     src16 = sources.view(np.uint16)
+    raw_serial = raw_images[0].nbytes <= SERIAL_COPY_MAX_BYTES
     assembler = ImageAssembler(config)
     converter = ImageAssembler(config, calibration)
     blocks = len(assembler.blocks[0])
@@ -203,8 +204,8 @@ def run_layout(layout: str, args: argparse.Namespace, repeats: int, sources: np.
 
     def run(name: str, repeat: int) -> float:
         task, n, step = tasks[name]
-        if name == "convert_1thread":
-            numba.set_num_threads(1)
+        if name == "convert_1thread" or (name == "raw" and raw_serial):
+            numba.set_num_threads(1)  # raw: on one thread, as the assembler copies it
         try:
             return time_pass(task, n, n_dest, repeat * n, step)
         finally:

@@ -288,3 +288,32 @@ def test_coalesced_plan_joins_only_rows_that_continue_each_other():
             plan = row_plan(module_blocks(gapped, m), gapped.image_shape)
             np.testing.assert_array_equal(
                 coalesce_plan(plan, width, gapped.image_shape[1]), plan)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32])
+def test_raw_placement_copies_runs_of_any_length_and_type(dtype):
+    """place_rows copies each piece as one run (rep movsb on x86-64): odd lengths, odd
+    offsets, empty runs, batches of frames and reversed pieces land exactly, nothing else
+    is touched."""
+    from fastcore.kernels import place_rows
+
+    rng = np.random.default_rng(7)
+    width, dst_width, frames = 37, 53, 3
+    src = rng.integers(1, 200, size=(frames, 4 * width)).astype(dtype)
+    # (src row, src col, dst row, dst col, n, step, pieces, pitch)
+    plan = np.array([[0, 0, 0, 0, 37, 1, 1, 0],     # a whole row
+                     [1, 3, 2, 5, 7, 1, 4, 9],      # 4 pieces of 7 with gaps
+                     [2, 1, 1, 40, 0, 1, 1, 0],     # an empty run
+                     [3, 2, 3, 30, 11, -1, 1, 0]],  # a reversed piece ending at column 30
+                    dtype=np.int64)
+    dst = np.zeros((frames + 1, 4 * dst_width), dtype)
+    src_rows, dst_rows = np.arange(frames), np.array([3, 0, 1])
+    place_rows(src, src_rows, 0, width, dst, dst_rows, 0, dst_width, plan)
+    expected = np.zeros_like(dst)
+    for f, d in zip(src_rows, dst_rows):
+        s, e = src[f].reshape(4, width), expected[d].reshape(4, dst_width)
+        e[0, :37] = s[0]
+        for i in range(4):
+            e[2, 5 + 9 * i:12 + 9 * i] = s[1, 3 + 7 * i:10 + 7 * i]
+        e[3, 20:31] = s[3, 2:13][::-1]
+    np.testing.assert_array_equal(dst, expected)

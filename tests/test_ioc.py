@@ -16,17 +16,23 @@ import uuid
 import h5py
 import pytest
 
-from tests.conftest import Proc, free_tcp_port, module_cmd
+from tests.conftest import Proc, free_tcp_port, free_udp_ports, module_cmd
 from tests.netproxy import TcpProxy
 from tests.test_writer_agent_service import AgentSetup
 
 pytestmark = pytest.mark.timeout(180)
 
 
+# The clients register with a repeater at this port (a free UDP port, not the server port
+# + 1, which may be another IOC's or a client's port: caproto-put once failed on a foreign
+# datagram there, "Packet with bad command ID 0x18").
+REPEATER_PORT = free_udp_ports(1)
+
+
 def ca_env(port: int) -> dict:
     env = dict(os.environ)
     env.update(EPICS_CA_AUTO_ADDR_LIST="NO", EPICS_CA_ADDR_LIST=f"127.0.0.1:{port}",
-               EPICS_CA_SERVER_PORT=str(port), EPICS_CA_REPEATER_PORT=str(port + 1))
+               EPICS_CA_SERVER_PORT=str(port), EPICS_CA_REPEATER_PORT=str(REPEATER_PORT))
     return env
 
 

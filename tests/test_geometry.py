@@ -310,7 +310,7 @@ def test_raw_placement_copies_runs_of_any_length_and_type(dtype):
     src_rows, dst_rows = np.arange(frames), np.array([3, 0, 1])
     place_rows(src, src_rows, 0, width, dst, dst_rows, 0, dst_width, plan)
     expected = np.zeros_like(dst)
-    for f, d in zip(src_rows, dst_rows):
+    for f, d in zip(src_rows, dst_rows, strict=True):
         s, e = src[f].reshape(4, width), expected[d].reshape(4, dst_width)
         e[0, :37] = s[0]
         for i in range(4):

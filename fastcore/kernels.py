@@ -74,6 +74,108 @@ def _copy_run(typingctx, dst, d0, src, s0, n):  # pragma: no cover - compiled
     return types.void(dst, d0, src, s0, n), codegen
 
 
+LINE_BYTES = 64
+"""Cache line: a streamed run writes whole aligned lines of this size."""
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_LINE = ir.VectorType(_I8, LINE_BYTES)
+_LANES = ir.Constant(_LINE, list(range(LINE_BYTES)))
+
+
+def _lanes_below(builder: ir.IRBuilder, limit: ir.Value) -> ir.Value:
+    """Mask of the line's byte lanes below ``limit`` (an i64 clamped to 0..LINE_BYTES)."""
+    limit = builder.select(builder.icmp_signed("<", limit, _I64(0)), _I64(0), limit)
+    limit = builder.select(builder.icmp_signed(">", limit, _I64(LINE_BYTES)),
+                           _I64(LINE_BYTES), limit)
+    splat = builder.insert_element(ir.Constant(_LINE, ir.Undefined),
+                                   builder.trunc(limit, _I8), _I32(0))
+    splat = builder.shuffle_vector(splat, ir.Constant(_LINE, ir.Undefined),
+                                   ir.Constant(ir.VectorType(_I32, LINE_BYTES), [0] * LINE_BYTES))
+    return builder.icmp_unsigned("<", _LANES, splat)
+
+
+@intrinsic
+def _stream_line(typingctx, dst, d0, src, s0, n, pieces, pitch):  # pragma: no cover
+    """Copy ``pieces`` source pieces of ``n`` items from ``src[s0:]`` (one after another)
+    to ``dst[d0 + i * pitch:]`` and zero the gaps between them, writing every whole cache
+    line of the destination with a non-temporal store (no read of the line first, as a
+    large memcpy does); the partial lines at both ends are copied with memcpy. Only for
+    lines :func:`streams_whole` accepts; bounds already checked by the caller. A
+    :func:`_store_fence` must follow before another process reads the image."""
+    if dst.dtype != src.dtype:
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst_type, src_type = sig.args[0], sig.args[2]
+        _, d_first, _, s_first, n_items, n_pieces, pitch_items = args
+        itemsize = _I64(context.get_abi_sizeof(context.get_data_type(dst_type.dtype)))
+        byte_ptr = _I8.as_pointer()
+        to = builder.bitcast(builder.gep(
+            context.make_array(dst_type)(context, builder, args[0]).data, [d_first]), byte_ptr)
+        start = builder.bitcast(builder.gep(
+            context.make_array(src_type)(context, builder, args[2]).data, [s_first]),
+            byte_ptr)
+        n_bytes = builder.mul(n_items, itemsize)
+        pitch_bytes = builder.select(builder.icmp_signed(">", n_pieces, _I64(1)),
+                                     builder.mul(pitch_items, itemsize), n_bytes)
+        total = builder.add(builder.mul(builder.sub(n_pieces, _I64(1)), pitch_bytes), n_bytes)
+        head = builder.and_(builder.sub(_I64(0), builder.ptrtoint(to, _I64)),
+                            _I64(LINE_BYTES - 1))
+        n_lines = builder.udiv(builder.sub(total, head), _I64(LINE_BYTES))
+        tail = builder.sub(builder.sub(total, head), builder.mul(n_lines, _I64(LINE_BYTES)))
+        # ends: inside the first and the last piece (streams_whole)
+        cgutils.raw_memcpy(builder, to, start, head, 1)
+        last_end = builder.add(builder.mul(builder.sub(n_pieces, _I64(1)), n_bytes), n_bytes)
+        cgutils.raw_memcpy(builder, builder.gep(to, [builder.sub(total, tail)]),
+                           builder.gep(start, [builder.sub(last_end, tail)]), tail, 1)
+        nontemporal = builder.module.add_metadata([_I32(1)])
+        line_ptr = _LINE.as_pointer()
+        with cgutils.for_range(builder, n_lines) as loop:
+            offset = builder.add(head, builder.mul(loop.index, _I64(LINE_BYTES)))
+            piece = builder.udiv(offset, pitch_bytes)
+            within = builder.sub(offset, builder.mul(piece, pitch_bytes))
+            first = builder.load(builder.bitcast(builder.gep(start, [builder.add(
+                builder.mul(piece, n_bytes), within)]), line_ptr), align=1)
+            crosses = builder.icmp_signed(">", builder.add(within, _I64(LINE_BYTES)), n_bytes)
+            with builder.if_else(crosses) as (gap, inside):
+                with gap:  # the line holds a piece's end, a gap and the next piece's start
+                    after = builder.load(builder.bitcast(builder.gep(start, [builder.sub(
+                        builder.add(builder.mul(builder.add(piece, _I64(1)), n_bytes), within),
+                        pitch_bytes)]), line_ptr), align=1)
+                    zero = ir.Constant(_LINE, [0] * LINE_BYTES)
+                    tail_part = builder.select(
+                        _lanes_below(builder, builder.sub(pitch_bytes, within)), zero, after)
+                    joined = builder.select(_lanes_below(builder, builder.sub(n_bytes, within)),
+                                            first, tail_part)
+                    block_gap = builder.block
+                with inside:
+                    block_inside = builder.block
+            value = builder.phi(_LINE)
+            value.add_incoming(joined, block_gap)
+            value.add_incoming(first, block_inside)
+            store = builder.store(value, builder.bitcast(builder.gep(to, [offset]), line_ptr),
+                                  align=LINE_BYTES)
+            store.set_metadata("nontemporal", nontemporal)
+        return context.get_dummy_value()
+
+    return types.void(dst, d0, src, s0, n, pieces, pitch), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):  # pragma: no cover - compiled
+    """Make this thread's non-temporal stores visible to every reader (sfence on x86)."""
+    def codegen(context, builder, sig, args):
+        if _REP_MOVSB:
+            sfence = builder.module.declare_intrinsic(
+                "llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(sfence, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 @numba.njit(inline="always")
 def _plan_line(plan, k):  # pragma: no cover - compiled
     """Line ``k`` of a row plan as a tuple of geometry.ROW_PLAN_FIELDS."""
@@ -81,25 +183,54 @@ def _plan_line(plan, k):  # pragma: no cover - compiled
             plan[k, 6], plan[k, 7])
 
 
+@numba.njit(inline="always")
+def streams_whole(n, pieces, pitch, itemsize):  # pragma: no cover - compiled
+    """Whether :func:`_stream_line` may copy a plan line (``n``, ``pieces``, ``pitch`` in
+    items of ``itemsize`` bytes): its line-wide loads then stay inside the line's source
+    pieces, and its partial end lines inside the first and the last piece."""
+    n_bytes = n * itemsize
+    gap = (pitch - n) * itemsize if pieces > 1 else 0
+    total = ((pieces - 1) * pitch + n) * itemsize if pieces > 1 else n_bytes
+    return total >= 2 * LINE_BYTES and (gap == 0 or (
+        n_bytes >= 2 * LINE_BYTES and 0 < gap <= LINE_BYTES))
+
+
+PLACE_CHUNKS = 32
+"""place_rows shares a plan among its threads in this many chunks, each ended by a store
+fence (a constant: numba.get_num_threads inside the kernel would stop numba caching it)."""
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def place_rows(src, src_rows, src_offset, src_width, dst, dst_rows, dst_offset, dst_width,
                plan):  # pragma: no cover - compiled
     """Copy every plan line of each frame of the batch onto its image. A line's pieces
     are addressed from the start of its frame and image row, so a line of a coalesced
-    plan (``geometry.coalesce_plan``) may run over several module rows."""
-    for k in numba.prange(plan.shape[0]):
-        sr, sc, dr, dc, n, step, pieces, pitch = _plan_line(plan, k)
-        s_first = src_offset + sr * src_width + sc
-        d_first = dst_offset + dr * dst_width + dc
-        for f in range(src_rows.shape[0]):
-            line = src[src_rows[f]]
-            out = dst[dst_rows[f]]
-            for i in range(pieces):
-                s0, d0 = s_first + i * n, d_first + i * pitch
-                if step == 1:
-                    _copy_run(out, d0, line, s0, n)
-                else:
-                    out[d0 - n + 1:d0 + 1] = line[s0:s0 + n][::-1]
+    plan (``geometry.coalesce_plan``) may run over several module rows. Lines whose
+    pieces are close together are streamed whole (gap pixels written as zero, as the
+    ImageBuffer holds them); the others go piece by piece. The lines are shared among
+    the threads in chunks, each ended by a store fence."""
+    n_lines = plan.shape[0]
+    n_chunks = min(n_lines, PLACE_CHUNKS)
+    itemsize = dst.itemsize
+    for c in numba.prange(n_chunks):
+        for k in range(c * n_lines // n_chunks, (c + 1) * n_lines // n_chunks):
+            sr, sc, dr, dc, n, step, pieces, pitch = _plan_line(plan, k)
+            s_first = src_offset + sr * src_width + sc
+            d_first = dst_offset + dr * dst_width + dc
+            streams = step == 1 and streams_whole(n, pieces, pitch, itemsize)
+            for f in range(src_rows.shape[0]):
+                line = src[src_rows[f]]
+                out = dst[dst_rows[f]]
+                if streams:
+                    _stream_line(out, d_first, line, s_first, n, pieces, pitch)
+                    continue
+                for i in range(pieces):
+                    s0, d0 = s_first + i * n, d_first + i * pitch
+                    if step == 1:
+                        _copy_run(out, d0, line, s0, n)
+                    else:
+                        out[d0 - n + 1:d0 + 1] = line[s0:s0 + n][::-1]
+        _store_fence()
 
 
 @numba.njit(inline="always")

@@ -2,10 +2,11 @@
 as a ratio to the highest zero-loss receive-only rate measured in the same run.
 
 Receive-only: stddaq-udp-recv alone; this process pulls the ModuleFrames and counts the
-packets. End to end: stddaq-udp-recv, stddaq-sync, stddaq-assembler and stddaq-h5-writer
-as processes; this process plays the writer agent (one start command per step; the writer
-follows the image stream itself) and counts an image lost when it is not in the file as a
-good image (the writer's summary). Each step also reports every process's CPU time per
+packets. End to end: stddaq-udp-recv, stddaq-sync, stddaq-assembler, stddaq-h5-writer and
+stddaq-writer-agent as processes; this process is the user, one write request per step
+through RabbitMQ (DaqClient; RabbitMQ and Redis on 127.0.0.1), and counts an image lost
+when it is not in the file as a good image (the request's result). Each step also reports
+every process's CPU time per
 image (user + system, all its threads, from /proc), next to the costs no implementation
 can avoid, measured in the same run on the same images: a plain socket drain's CPU per
 frame (bench_receive's drain process, fed at the same rates), a memcpy of the image and a
@@ -13,8 +14,7 @@ plain ``os.write`` of it into the same directory as the file. ``cpu_per_image_ra
 the whole pipeline's CPU per image over the sum of those three, at 1 kHz. Since the h5
 writer writes with O_DIRECT (no page-cache copy), a plain O_DIRECT ``os.write`` of the same
 images is measured too, and ``cpu_per_image_ratio_to_direct_floor`` puts the pipeline
-against that cheaper floor. The writer agent is not on the per-image path (it only relays
-the writer's progress, a few messages a second), so this process plays it. Every series is
+against that cheaper floor. Every series is
 fed by bench_receive's pre-built-packet sender (sendmmsg, GSO) on 127.0.0.1, at the same
 stepped rates, for ``--seconds`` per step. The last line of the output is one JSON
 object.
@@ -34,6 +34,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pika
+import redis
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,16 +46,10 @@ from fastcore.formats import MODULE_FRAME
 from fastcore.launch import ChildProcess
 from fastcore.names import Stream
 from fastcore.process import ipc_address
+from fastcore.status import status_key
 from fastcore.udp import DEFAULT_RCVBUF
-from fastcore.writer_protocol import (
-    RunInfo,
-    RunStarted,
-    RunSummary,
-    StartCommand,
-    StopCommand,
-    WriterFailure,
-)
-from services.writer_link import WriterLink
+from services.broker.protocol import request_queue_name
+from services.daq_client import DaqClient, StdDaqError, WriteRun
 
 RATES = [100, 250, 500, 1000, 1500, 2000, 2500]
 COST_RATE = 1000  # the rate of cpu_per_image_ratio
@@ -66,13 +62,15 @@ def write_config(work: Path, port: int) -> tuple[Path, str]:
     path.write_text(json.dumps({
         "detector_name": name, "detector_type": "jungfrau", "n_modules": 1, "bit_depth": 16,
         "image_pixel_height": 512, "image_pixel_width": 1024, "start_udp_port": port,
-        "writer_user_id": 0, "udp_host": "127.0.0.1", "n_image_slots": 2000,
+        "writer_user_id": os.getuid(), "udp_host": "127.0.0.1", "n_image_slots": 2000,
+        "output_root": str(work),
         "n_frame_slots": 500, "module_positions": {"0": [0, 0, 1023, 511]}}))
     return path, name
 
 
-def start(module: str, config: Path, work: Path) -> ChildProcess:
-    child = ChildProcess.module(module, [str(config), "--ipc-dir", str(work)],
+def start(module: str, config: Path, work: Path, *extra: str) -> ChildProcess:
+    args = [*extra, "--json-config-file", str(config)] if extra else [str(config)]
+    child = ChildProcess.module(module, [*args, "--ipc-dir", str(work)],
                                 work / f"{module.split('.')[-1]}.log")
     child.wait_for("ready", 60)
     return child
@@ -135,12 +133,16 @@ def cpu_seconds(child: ChildProcess) -> float:
 
 
 def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, seconds):
+    service = f"{name}.writer"
     stages = {m.split(".")[-1]: start(m, config, work) for m in (
         "fastcore.udp_recv", "fastcore.sync", "fastcore.assembler", "fastcore.h5_writer")}
-    link = WriterLink(str(work), name)
+    stages["writer_agent"] = start("services.writer_agent", config, work,
+                                   "--service-name", service)
+    client = DaqClient(service, "127.0.0.1", redis.Redis("127.0.0.1", 6379))
     source = source_ring()
     results, frame = {}, 1
     try:
+        client.check_agent(name)
         cpu = {stage: cpu_seconds(child) for stage, child in stages.items()}
         time.sleep(IDLE_S)  # no detector, no run: what waiting costs
         results["idle_percent_of_a_core"] = {
@@ -155,49 +157,54 @@ def end_to_end(sender, config: Path, name: str, port: int, work: Path, rates, se
             n = int(rate * seconds)
             out = work / f"run{run_id}.h5"
             prefault(work, n)
-            link.drain()
-            link.send(StartCommand(run_id, RunInfo(str(out), n), 30.0).to_json())
-            _await(link, run_id, RunStarted)
+            run = client.start_write({"output_file": str(out), "n_images": n,
+                                      "image_timeout": 30}, timeout=30.0)
             cpu = {stage: cpu_seconds(child) for stage, child in stages.items()}
             sent, sent_hz = send_timed(sender, port, rate, n, frame)
             frame += sent
-            summary = _await(link, run_id, RunSummary, 5.0)
-            if summary is None:  # images lost before the writer: end the run
-                link.send(StopCommand(run_id).to_json())
-                summary = _await(link, run_id, RunSummary)
+            result = _finish(client, run)
             cpu_ms = {stage: round((cpu_seconds(child) - cpu[stage]) * 1e3 / sent, 3)
                       for stage, child in stages.items()}
             out.unlink()
-            floor = copy_costs(work, summary.n_rows, source)  # into the pages it freed
-            lost = sent - summary.n_good
-            results[rate] = {"sent": sent, "sent_hz": round(sent_hz, 1),
-                             "written": summary.n_rows, "good": summary.n_good,
-                             "flags": summary.n_flagged, "absent": summary.n_absent,
+            rows = result["n_images"] + result["n_missing"]
+            floor = copy_costs(work, rows, source)  # into the pages it freed
+            lost = sent - result["n_good"]
+            results[rate] = {"sent": sent, "sent_hz": round(sent_hz, 1), "written": rows,
+                             "good": result["n_good"], "flags": result["n_flagged"],
+                             "absent": result["n_absent"], "outcome": result["outcome"],
                              "lost_images": lost, "cpu_ms_per_image": cpu_ms,
                              "copy_ms_per_image": floor}
             print(f"  end-to-end   {rate:5d} Hz: {sent} frames sent at {sent_hz:.0f} Hz, "
-                  f"{summary.describe()} "
+                  f"{result['outcome']}: {result['summary']} "
                   f"-> {lost} images lost; CPU ms/image {cpu_ms}", flush=True)
     finally:
+        client.close()
         for child in reversed(stages.values()):
             child.stop()
-        link.close()
+        forget_service(service)
     return results
 
 
-def _await(link: WriterLink, run_id: int, kind: type, timeout: float = 60.0):
-    """The writer's ``kind`` event of ``run_id``; None after ``timeout`` for a stop."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        event = link.receive(0.2)
-        if event is not None and event.run_id == run_id:
-            if isinstance(event, WriterFailure):
-                raise RuntimeError(f"the writer refused run {run_id}: {event.message}")
-            if isinstance(event, kind):
-                return event
-    if kind is RunSummary:
-        return None
-    raise RuntimeError(f"no {kind.EVENT} from the writer for run {run_id} in {timeout:g} s")
+def _finish(client: DaqClient, run: WriteRun) -> dict:
+    """The request's result once it ended: a run short of images after the sender
+    finished (lost before the writer) is killed after 5 s and ends partial."""
+    if not run.done.wait(5.0):
+        client.kill(run, timeout=60.0)
+    if not run.done.wait(60.0):
+        raise RuntimeError(f"request {run.request_id} did not end within 60 s of its kill")
+    if run.failed:
+        raise StdDaqError(f"request {run.request_id} failed: {run.message}")
+    return run.result or {}
+
+
+def forget_service(service: str) -> None:
+    """Remove the writer agent's request queue and Redis status."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    try:
+        connection.channel().queue_delete(request_queue_name(service))
+    finally:
+        connection.close()
+    redis.Redis("127.0.0.1", 6379).delete(status_key(service))
 
 
 def drain_costs(ctx, sender, port: int, rates, seconds: float) -> dict[int, float]:

@@ -33,12 +33,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# x86-64: a run is copied with ``rep movsb``. glibc's memcpy copies a 2 KiB module row with
-# vector stores here (its rep movsb threshold is above that); placing a Jungfrau module row
-# by row took 0.21-0.23 ms per MiB through memcpy and 0.11-0.12 with rep movsb (the same
+# x86-64: a run that place_rows does not stream whole is copied with ``rep movsb``. glibc's
+# memcpy copies a 2 KiB module row with vector stores here (its rep movsb threshold is above
+# that); placing a Jungfrau module row by row took 0.21-0.23 ms per MiB through memcpy and 0.11-0.12 with rep movsb (the same
 # with GLIBC_TUNABLES lowering the threshold), one contiguous 1 MiB copy 0.07-0.09.
-_REP_MOVSB = platform.machine() in ("x86_64", "AMD64")
-if _REP_MOVSB:
+_X86_64 = platform.machine() in ("x86_64", "AMD64")
+if _X86_64:
     llvm.initialize_native_asmparser()  # numba leaves it out; inline asm needs it
 
 
@@ -57,7 +57,7 @@ def _copy_run(typingctx, dst, d0, src, s0, n):  # pragma: no cover - compiled
         itemsize = context.get_abi_sizeof(context.get_data_type(dst_type.dtype))
         to = builder.gep(dst_data, [args[1]])
         start = builder.gep(src_data, [args[3]])
-        if not _REP_MOVSB:
+        if not _X86_64:
             cgutils.raw_memcpy(builder, to, start, args[4], itemsize)
             return context.get_dummy_value()
         byte_ptr = ir.IntType(8).as_pointer()
@@ -165,7 +165,7 @@ def _stream_line(typingctx, dst, d0, src, s0, n, pieces, pitch):  # pragma: no c
 def _store_fence(typingctx):  # pragma: no cover - compiled
     """Make this thread's non-temporal stores visible to every reader (sfence on x86)."""
     def codegen(context, builder, sig, args):
-        if _REP_MOVSB:
+        if _X86_64:
             sfence = builder.module.declare_intrinsic(
                 "llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
             builder.call(sfence, [])

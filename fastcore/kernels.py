@@ -35,8 +35,9 @@ from numba.extending import intrinsic
 
 # x86-64: a run that place_rows does not stream whole is copied with ``rep movsb``. glibc's
 # memcpy copies a 2 KiB module row with vector stores here (its rep movsb threshold is above
-# that); placing a Jungfrau module row by row took 0.21-0.23 ms per MiB through memcpy and 0.11-0.12 with rep movsb (the same
-# with GLIBC_TUNABLES lowering the threshold), one contiguous 1 MiB copy 0.07-0.09.
+# that); placing a Jungfrau module row by row took 0.21-0.23 ms per MiB through memcpy and
+# 0.11-0.12 with rep movsb (the same with GLIBC_TUNABLES lowering the threshold), one
+# contiguous 1 MiB copy 0.07-0.09.
 _X86_64 = platform.machine() in ("x86_64", "AMD64")
 if _X86_64:
     llvm.initialize_native_asmparser()  # numba leaves it out; inline asm needs it

@@ -262,25 +262,51 @@ def convert_rows(src, src_rows, src_offset, src_width, calibration, dst, dst_row
     """Jungfrau conversion while placing: ``(adc - pedestal[stage]) * (1/gain[stage])``.
 
     ``calibration`` is (2, 3, rows, cols) float32: pedestal and 1/gain of gain stages 0, 1,
-    2 (gain bits 00, 01, 11; the invalid 10 counts as 2) in module coordinates.
+    2 (gain bits 00, 01, 11; the invalid 10 counts as 2) in module coordinates. A line
+    that place_rows would stream whole is converted into a row of its pieces and streamed
+    the same way (gaps zero, the image lines not read first); the others are converted in
+    place piece by piece.
     """
-    for k in numba.prange(plan.shape[0]):
-        sr, sc, dr, dc, n, step, pieces, pitch = _plan_line(plan, k)
-        s_row = src_offset + sr * src_width
-        d_row = dst_offset + dr * dst_width
-        for i in range(pieces):
-            s0, d0 = sc + i * n, dc + i * pitch
-            p0 = calibration[0, 0, sr, s0:s0 + n]
-            p1 = calibration[0, 1, sr, s0:s0 + n]
-            p2 = calibration[0, 2, sr, s0:s0 + n]
-            i0 = calibration[1, 0, sr, s0:s0 + n]
-            i1 = calibration[1, 1, sr, s0:s0 + n]
-            i2 = calibration[1, 2, sr, s0:s0 + n]
-            for f in range(src_rows.shape[0]):
-                pixels = src[src_rows[f], s_row + s0:s_row + s0 + n]
-                out = dst[dst_rows[f], d_row:d_row + dst_width]
-                if step == 1:
-                    _convert_piece(pixels, p0, i0, p1, i1, p2, i2, out[d0:d0 + n])
-                else:
-                    _convert_piece(pixels, p0, i0, p1, i1, p2, i2,
-                                   out[d0 - n + 1:d0 + 1][::-1])
+    n_lines = plan.shape[0]
+    n_chunks = min(n_lines, PLACE_CHUNKS)
+    itemsize = dst.itemsize
+    widest = 0  # pixels of the longest line streamed whole
+    for k in range(n_lines):
+        if plan[k, 5] == 1 and streams_whole(plan[k, 4], plan[k, 6], plan[k, 7], itemsize):
+            widest = max(widest, plan[k, 4] * plan[k, 6])
+    for c in numba.prange(n_chunks):
+        row = np.empty(widest, dst.dtype)  # a line's pieces, converted, before streaming
+        for k in range(c * n_lines // n_chunks, (c + 1) * n_lines // n_chunks):
+            sr, sc, dr, dc, n, step, pieces, pitch = _plan_line(plan, k)
+            s_row = src_offset + sr * src_width
+            d_row = dst_offset + dr * dst_width
+            if step == 1 and streams_whole(n, pieces, pitch, itemsize):
+                for f in range(src_rows.shape[0]):
+                    for i in range(pieces):
+                        s0 = sc + i * n
+                        _convert_piece(src[src_rows[f], s_row + s0:s_row + s0 + n],
+                                       calibration[0, 0, sr, s0:s0 + n],
+                                       calibration[1, 0, sr, s0:s0 + n],
+                                       calibration[0, 1, sr, s0:s0 + n],
+                                       calibration[1, 1, sr, s0:s0 + n],
+                                       calibration[0, 2, sr, s0:s0 + n],
+                                       calibration[1, 2, sr, s0:s0 + n], row[i * n:(i + 1) * n])
+                    _stream_line(dst[dst_rows[f]], d_row + dc, row, 0, n, pieces, pitch)
+                continue
+            for i in range(pieces):
+                s0, d0 = sc + i * n, dc + i * pitch
+                p0 = calibration[0, 0, sr, s0:s0 + n]
+                p1 = calibration[0, 1, sr, s0:s0 + n]
+                p2 = calibration[0, 2, sr, s0:s0 + n]
+                i0 = calibration[1, 0, sr, s0:s0 + n]
+                i1 = calibration[1, 1, sr, s0:s0 + n]
+                i2 = calibration[1, 2, sr, s0:s0 + n]
+                for f in range(src_rows.shape[0]):
+                    pixels = src[src_rows[f], s_row + s0:s_row + s0 + n]
+                    out = dst[dst_rows[f], d_row:d_row + dst_width]
+                    if step == 1:
+                        _convert_piece(pixels, p0, i0, p1, i1, p2, i2, out[d0:d0 + n])
+                    else:
+                        _convert_piece(pixels, p0, i0, p1, i1, p2, i2,
+                                       out[d0 - n + 1:d0 + 1][::-1])
+        _store_fence()

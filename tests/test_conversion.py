@@ -104,11 +104,13 @@ def test_numba_kernels_into_flipped_destinations(dest):
 
 
 def test_numba_kernel_on_chips_with_gaps():
-    """The assembler converts chip by chip into a gapped, flipped module area."""
+    """The assembler converts chip by chip into a gapped, flipped module area: a module row
+    is streamed whole, so the gaps between its chips are written as zero; the gap rows
+    between the chip rows are not touched."""
     raw = random_raw((512, 1024))
     pedestal, gain = random_calibration(raw.shape)
     expected = convert_reference(raw, pedestal, gain)
-    out = np.zeros((514, 1030), np.float32)
+    out = np.full((514, 1030), -7.0, np.float32)
     blocks = []
     for cy in range(2):
         for cx in range(4):
@@ -119,7 +121,10 @@ def test_numba_kernel_on_chips_with_gaps():
     convert(raw, packed(pedestal, gain), out, blocks)
     for source, dest in blocks:
         np.testing.assert_array_equal(out[dest], expected[source])
-    assert not out[:, 256:258].any() and not out[256:258].any()  # the gaps stay 0
+    chip_rows = np.r_[0:256, 258:514]
+    for gap in (256, 514, 772):
+        assert not out[chip_rows, gap:gap + 2].any()
+    assert (out[256:258] == -7.0).all()
 
 
 def test_batch_of_frames_into_ring_rows():

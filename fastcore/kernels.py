@@ -256,6 +256,15 @@ def _convert_piece(pixels, p0, i0, p1, i1, p2, i2, out):  # pragma: no cover - c
         out[j] = out[j] if code == 0 else converted
 
 
+@numba.njit(inline="always")
+def _calibration_piece(calibration, row, s0, n):  # pragma: no cover - compiled
+    """Pedestal and 1/gain of gain stages 0, 1, 2 (in _convert_piece's order) of ``n``
+    pixels of module row ``row`` from column ``s0``."""
+    return (calibration[0, 0, row, s0:s0 + n], calibration[1, 0, row, s0:s0 + n],
+            calibration[0, 1, row, s0:s0 + n], calibration[1, 1, row, s0:s0 + n],
+            calibration[0, 2, row, s0:s0 + n], calibration[1, 2, row, s0:s0 + n])
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def convert_rows(src, src_rows, src_offset, src_width, calibration, dst, dst_rows, dst_offset,
                  dst_width, plan):  # pragma: no cover - compiled
@@ -284,23 +293,14 @@ def convert_rows(src, src_rows, src_offset, src_width, calibration, dst, dst_row
                 for f in range(src_rows.shape[0]):
                     for i in range(pieces):
                         s0 = sc + i * n
+                        p0, i0, p1, i1, p2, i2 = _calibration_piece(calibration, sr, s0, n)
                         _convert_piece(src[src_rows[f], s_row + s0:s_row + s0 + n],
-                                       calibration[0, 0, sr, s0:s0 + n],
-                                       calibration[1, 0, sr, s0:s0 + n],
-                                       calibration[0, 1, sr, s0:s0 + n],
-                                       calibration[1, 1, sr, s0:s0 + n],
-                                       calibration[0, 2, sr, s0:s0 + n],
-                                       calibration[1, 2, sr, s0:s0 + n], row[i * n:(i + 1) * n])
+                                       p0, i0, p1, i1, p2, i2, row[i * n:(i + 1) * n])
                     _stream_line(dst[dst_rows[f]], d_row + dc, row, 0, n, pieces, pitch)
                 continue
             for i in range(pieces):
                 s0, d0 = sc + i * n, dc + i * pitch
-                p0 = calibration[0, 0, sr, s0:s0 + n]
-                p1 = calibration[0, 1, sr, s0:s0 + n]
-                p2 = calibration[0, 2, sr, s0:s0 + n]
-                i0 = calibration[1, 0, sr, s0:s0 + n]
-                i1 = calibration[1, 1, sr, s0:s0 + n]
-                i2 = calibration[1, 2, sr, s0:s0 + n]
+                p0, i0, p1, i1, p2, i2 = _calibration_piece(calibration, sr, s0, n)
                 for f in range(src_rows.shape[0]):
                     pixels = src[src_rows[f], s_row + s0:s_row + s0 + n]
                     out = dst[dst_rows[f], d_row:d_row + dst_width]

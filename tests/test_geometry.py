@@ -305,9 +305,9 @@ def test_coalesced_plan_joins_only_rows_that_continue_each_other():
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32])
 def test_raw_placement_copies_runs_of_any_length_and_type(dtype):
-    """place_rows copies each piece as one run (rep movsb on x86-64): odd lengths, odd
-    offsets, empty runs, batches of frames and reversed pieces land exactly, nothing else
-    is touched."""
+    """place_rows copies each piece as one run (short lines with rep movsb on x86-64, long
+    ones streamed): odd lengths, odd offsets, empty runs, batches of frames and reversed
+    pieces land exactly, nothing else is touched."""
     from fastcore.kernels import place_rows
 
     rng = np.random.default_rng(7)
@@ -319,10 +319,10 @@ def test_raw_placement_copies_runs_of_any_length_and_type(dtype):
                      [2, 1, 1, 40, 0, 1, 1, 0],     # an empty run
                      [3, 2, 3, 30, 11, -1, 1, 0]],  # a reversed piece ending at column 30
                     dtype=np.int64)
-    dst = np.zeros((frames + 1, 4 * dst_width), dtype)
+    dst = np.full((frames + 1, 4 * dst_width), 250, dtype)
     src_rows, dst_rows = np.arange(frames), np.array([3, 0, 1])
     place_rows(src, src_rows, 0, width, dst, dst_rows, 0, dst_width, plan)
-    expected = np.zeros_like(dst)
+    expected = np.full_like(dst, 250)
     for f, d in zip(src_rows, dst_rows, strict=True):
         s, e = src[f].reshape(4, width), expected[d].reshape(4, dst_width)
         e[0, :37] = s[0]
